@@ -1,0 +1,46 @@
+"""``medseqft``: one entry point, one subcommand per task (argparse, like nnU-Net's CLIs).
+
+Each subcommand lives in its own module, which exposes ``configure_parser(parser)``; that
+function declares the arguments and sets ``func`` (called with the parsed namespace).
+"""
+
+import argparse
+import importlib
+import sys
+
+from nnunetv2_medseqft.errors import MedSeqFTError
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "env": ("nnunetv2_medseqft.discovery", "print the nnUNet_extTrainer export line for this install"),
+    "register": ("nnunetv2_medseqft.discovery", "write lazy shims into nnunetv2 so -tr/-pl find our classes"),
+    "unregister": ("nnunetv2_medseqft.discovery", "remove the shims written by 'register'"),
+    "synth": ("nnunetv2_medseqft.synth.cli", "generate the multi-task CT-like benchmark datasets"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medseqft",
+        description="MedSeqFT for nnU-Net v2: sequential fine-tuning of 3D segmentation foundation models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).configure_parser(p, name)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except MedSeqFTError as e:
+        print(f"medseqft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

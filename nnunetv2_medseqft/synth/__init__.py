@@ -1,0 +1,1 @@
+"""Generated multi-task CT-like benchmark data in nnU-Net raw format."""

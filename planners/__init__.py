@@ -1,0 +1,1 @@
+"""Planning and sample-selection hooks (installed as ``nnunetv2_medseqft.planners``)."""

@@ -1,0 +1,1 @@
+"""nnUNetTrainer subclasses of the plugin (installed as ``nnunetv2_medseqft.trainers``)."""
