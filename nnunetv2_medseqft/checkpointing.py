@@ -1,0 +1,106 @@
+"""Checkpoint files: safe loading (CPU-mappable, clear errors), atomic writes, hashes, and the
+trainer mixin that writes nnU-Net checkpoints with a ``medseqft`` provenance section."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+
+import torch
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2_medseqft.errors import MedSeqFTError
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_checkpoint_file(path: str, what: str = "checkpoint") -> dict:
+    """Load an nnU-Net checkpoint onto the CPU (so CUDA-saved files load anywhere)."""
+    if not os.path.isfile(path):
+        raise MedSeqFTError(f"{what} not found: {path}. Give the path of a checkpoint_final.pth written by nnU-Net.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+        raise MedSeqFTError(f"{what} {path} is unreadable or truncated ({type(e).__name__}: {e}). "
+                            "Re-copy it or use another checkpoint.") from e
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt or "init_args" not in ckpt:
+        raise MedSeqFTError(f"{what} {path} is not an nnU-Net v2 checkpoint (no 'network_weights'/'init_args').")
+    return ckpt
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """Write next to the target and rename: a crash mid-write never leaves a truncated checkpoint."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers (where hooks and state_dict keys live)."""
+    if isinstance(network, DDP):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+class MedSeqFTCheckpointMixin:
+    """For nnUNetTrainer subclasses: stock checkpoint layout + a ``medseqft`` section, written atomically.
+
+    Stock ``nnUNetv2_predict`` and ``-pretrained_weights`` read only the stock keys, so the
+    extra section costs them nothing.
+    """
+
+    def medseqft_checkpoint_section(self) -> dict:
+        return {}
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        checkpoint = {
+            "network_weights": unwrap(self.network).state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "medseqft": self.medseqft_checkpoint_section(),
+        }
+        atomic_torch_save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        # nnU-Net 2.8.1 fails on dict input and maps to the trainer's device only; load via the CPU instead.
+        if isinstance(filename_or_checkpoint, str):
+            filename_or_checkpoint = load_checkpoint_file(filename_or_checkpoint)
+        if not self.was_initialized:
+            self.initialize()
+        ckpt = filename_or_checkpoint
+        unwrap(self.network).load_state_dict(ckpt["network_weights"])
+        self.my_init_kwargs = ckpt["init_args"]
+        self.current_epoch = ckpt["current_epoch"]
+        self.logger.load_checkpoint(ckpt["logging"])
+        self._best_ema = ckpt["_best_ema"]
+        self.inference_allowed_mirroring_axes = ckpt.get("inference_allowed_mirroring_axes",
+                                                         self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])

@@ -1,0 +1,54 @@
+"""Running real nnU-Net commands from tests, in isolated nnU-Net folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class NnunetFolders:
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "nnUNet_raw"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / "nnUNet_preprocessed"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "nnUNet_results"
+
+    def env(self) -> dict:
+        from nnunetv2_medseqft.discovery import shim_dir
+
+        env = dict(os.environ)
+        env.update(
+            nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed), nnUNet_results=str(self.results),
+            nnUNet_def_n_proc="2", nnUNet_n_proc_DA="2", nnUNet_compile="f", nnUNet_extTrainer=shim_dir(),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+
+def run(cmd: list[str], folders: NnunetFolders, check: bool = True, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """Run an installed console script (nnUNetv2_*, medseqft) or python; on failure show the output tail."""
+    if cmd[0] != sys.executable:
+        cmd = [str(BIN / cmd[0])] + list(cmd[1:])
+    proc = subprocess.run(cmd, env=folders.env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_python(code: str, folders: NnunetFolders, check: bool = True) -> subprocess.CompletedProcess:
+    """Python in a fresh process, so nnunetv2.paths reads these folders' environment variables."""
+    return run([sys.executable, "-c", code], folders, check=check)
