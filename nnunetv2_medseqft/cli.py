@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "register": ("nnunetv2_medseqft.discovery", "write lazy shims into nnunetv2 so -tr/-pl find our classes"),
     "unregister": ("nnunetv2_medseqft.discovery", "remove the shims written by 'register'"),
     "synth": ("nnunetv2_medseqft.synth.cli", "generate the multi-task CT-like benchmark datasets"),
+    "plan": ("nnunetv2_medseqft.plan_cli", "plan + preprocess datasets with the foundation's plans (MedSeqFTPlanner)"),
 }
 
 

@@ -13,4 +13,6 @@ TRAINERS: dict[str, str] = {
     "MedSeqFTPretrainTrainer_tiny": "nnunetv2_medseqft.trainers.pretrain",
 }
 
-PLANNERS: dict[str, str] = {}
+PLANNERS: dict[str, str] = {
+    "MedSeqFTPlanner": "nnunetv2_medseqft.planners.medseqft_planner",
+}

@@ -6,6 +6,7 @@ Planning and pre-training are real nnU-Net runs (minutes on 2 CPU cores), so the
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,23 @@ def tiny_foundation(nnunet, planned_pool) -> Path:
     run(["nnUNetv2_train", str(POOL_ID), "3d_fullres", "all", "-tr", PRETRAIN_TRAINER, "-device", "cpu"], nnunet)
     return next(nnunet.results.glob(f"Dataset{POOL_ID}_*/{PRETRAIN_TRAINER}__nnUNetPlans__3d_fullres/fold_all"
                                      "/checkpoint_final.pth"))
+
+
+@dataclass
+class PlannedTask:
+    folders: NnunetFolders
+    dataset_id: int
+    dataset_name: str
+    plans_name: str
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.folders.preprocessed / self.dataset_name
+
+
+@pytest.fixture(scope="session")
+def planned_task(nnunet, tiny_foundation) -> PlannedTask:
+    """The first sequential task planned and preprocessed with the foundation's plans by ``medseqft plan``."""
+    run(["medseqft", "plan", "-d", str(FIRST_TASK_ID), "--foundation", str(tiny_foundation)], nnunet)
+    name = next(nnunet.raw.glob(f"Dataset{FIRST_TASK_ID}_*")).name
+    return PlannedTask(nnunet, FIRST_TASK_ID, name, "MedSeqFTPlans")

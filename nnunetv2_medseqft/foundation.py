@@ -1,0 +1,79 @@
+"""The foundation model M0: an nnU-Net checkpoint written by MedSeqFTPretrainTrainer (body + SSL head + SSL settings)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_medseqft.checkpointing import load_checkpoint_file, sha256_file
+from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.ssl import SSLSettings
+
+# the architecture-defining fields of a configuration: equal in foundation and downstream plans,
+# so that weights transfer unchanged
+ARCHITECTURE_FIELDS = ("patch_size", "spacing", "architecture", "normalization_schemes", "use_mask_for_norm",
+                       "preprocessor_name", "resampling_fn_data", "resampling_fn_data_kwargs")
+
+
+@dataclass
+class Foundation:
+    path: str
+    sha256: str
+    checkpoint: dict
+    ssl: SSLSettings
+
+    @property
+    def plans(self) -> dict:
+        return self.checkpoint["init_args"]["plans"]
+
+    @property
+    def configuration(self) -> str:
+        return self.checkpoint["init_args"]["configuration"]
+
+    @property
+    def dataset_json(self) -> dict:
+        return self.checkpoint["init_args"]["dataset_json"]
+
+    @property
+    def num_input_channels(self) -> int:
+        return int(self.checkpoint["medseqft"]["num_input_channels"])
+
+    def provenance(self) -> dict:
+        """What a downstream plans file / checkpoint records about its foundation."""
+        return {"path": self.path, "sha256": self.sha256, "trainer_name": self.checkpoint["trainer_name"],
+                "configuration": self.configuration, "plans_name": self.plans.get("plans_name"),
+                "ssl": self.ssl.to_dict()}
+
+    def build_ssl_network(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """The foundation network with its reconstruction head, weights loaded, in eval mode."""
+        from nnunetv2_medseqft.trainers.pretrain import MedSeqFTPretrainTrainer
+
+        pm = PlansManager(copy.deepcopy(self.plans))
+        net = MedSeqFTPretrainTrainer.build_network_architecture(
+            pm, pm.get_configuration(self.configuration), self.num_input_channels, self.num_input_channels, False)
+        net.load_state_dict(self.checkpoint["network_weights"])
+        return net.to(device).eval()
+
+
+def load_foundation(path: str) -> Foundation:
+    """Load and check a foundation checkpoint. A plain segmentation checkpoint is refused: it has no SSL head."""
+    path = os.path.abspath(path)
+    ckpt = load_checkpoint_file(path, what="foundation checkpoint")
+    section = ckpt.get("medseqft") or {}
+    if section.get("role") != "foundation" or "ssl" not in section:
+        raise MedSeqFTError(
+            f"{path} is not a MedSeqFT foundation: it carries no SSL head/settings (trainer "
+            f"'{ckpt.get('trainer_name')}'). Use a checkpoint written by MedSeqFTPretrainTrainer "
+            f"(nnUNetv2_train POOL 3d_fullres all -tr MedSeqFTPretrainTrainer).")
+    return Foundation(path=path, sha256=sha256_file(path), checkpoint=ckpt, ssl=SSLSettings.from_dict(section["ssl"]))
+
+
+def architecture_mismatches(plans_a: dict, config_a: str, plans_b: dict, config_b: str) -> list[str]:
+    """Names of architecture fields that differ between two plans' configurations (empty: weights transfer)."""
+    ca = PlansManager(copy.deepcopy(plans_a)).get_configuration(config_a).configuration
+    cb = PlansManager(copy.deepcopy(plans_b)).get_configuration(config_b).configuration
+    return [f for f in ARCHITECTURE_FIELDS if ca.get(f) != cb.get(f)]
