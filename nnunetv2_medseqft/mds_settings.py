@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.settings_base import JsonSettings
 
 
 @dataclass(frozen=True)
-class MDSSettings:
+class MDSSettings(JsonSettings):
     """k: buffer size (absolute); when None, k = max(min_k, round(k_frac * training cases)).
     repeats: fixed number of SSL-loss draws per case (1000 = the paper's protocol); None = adaptive:
         draw in batches of ``draws_per_batch`` (at least ``min_repeats``) until the top-k set is settled
@@ -47,13 +48,3 @@ class MDSSettings:
                                 f"Use a smaller --k (or --k-frac).")
         return k
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MDSSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise MedSeqFTError(f"Unknown MDS settings {sorted(unknown)}; known: {sorted(known)}.")
-        return cls(**d)

@@ -11,6 +11,17 @@ TRAINERS: dict[str, str] = {
     "MedSeqFTPretrainTrainer_50epochs": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTPretrainTrainer_250epochs": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTPretrainTrainer_tiny": "nnunetv2_medseqft.trainers.pretrain",
+    "MedSeqFTTrainer": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTFFTTrainer": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTLoRATrainer": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTTrainer_randomBuffer": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTTrainer_100epochs": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTFFTTrainer_100epochs": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTLoRATrainer_100epochs": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTTrainer_tiny": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTFFTTrainer_tiny": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTLoRATrainer_tiny": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTTrainer_randomBuffer_tiny": "nnunetv2_medseqft.trainers.medseqft",
 }
 
 PLANNERS: dict[str, str] = {

@@ -7,16 +7,17 @@ settings travel inside the foundation checkpoint (``SSLSettings.to_dict``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.settings_base import JsonSettings
 
 
 @dataclass(frozen=True)
-class SSLSettings:
+class SSLSettings(JsonSettings):
     """Masking settings of the SSL objective.
 
     mask_ratio: fraction of blocks hidden per patch (0.5: half the patch must be inferred from
@@ -37,16 +38,6 @@ class SSLSettings:
         if self.loss != "masked_mse":
             raise MedSeqFTError(f"Unknown SSL loss {self.loss!r}; only 'masked_mse' is implemented.")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SSLSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise MedSeqFTError(f"Unknown SSL settings {sorted(unknown)}; known: {sorted(known)}.")
-        return cls(**d)
 
 
 def block_mask(shape, settings: SSLSettings, generator: torch.Generator | None = None,

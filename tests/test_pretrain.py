@@ -80,5 +80,5 @@ def test_plans_without_3d_fullres_give_clear_error():
 def test_ssl_settings_validation():
     with pytest.raises(MedSeqFTError, match="mask_ratio"):
         SSLSettings(mask_ratio=1.5)
-    with pytest.raises(MedSeqFTError, match="Unknown SSL settings"):
+    with pytest.raises(MedSeqFTError, match="Unknown SSLSettings keys"):
         SSLSettings.from_dict({"mask_ration": 0.5})
