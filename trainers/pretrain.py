@@ -21,6 +21,7 @@ from nnunetv2_medseqft.checkpointing import MedSeqFTCheckpointMixin
 from nnunetv2_medseqft.plans_checks import require_3d_configuration
 from nnunetv2_medseqft.ssl import SSLSettings, block_mask, mask_input, masked_mse_per_sample, random_patch
 from nnunetv2_medseqft.train_steps import backward_and_step
+from nnunetv2_medseqft.trainer_variants import budget_variant
 
 # fixed seed for validation masks and patches: epochs are then compared on the same draws
 VALIDATION_SEED = 20251
@@ -130,23 +131,9 @@ class MedSeqFTPretrainTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
                                f"{summary['mean_masked_mse']:.4f}, reconstruction score {summary['mean_score']:.4f}")
 
 
-def _budget_variant(name: str, epochs: int, iterations: int | None = None, val_iterations: int | None = None):
-    """A subclass with a shorter schedule, named the nnU-Net way (``..._5epochs``)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        MedSeqFTPretrainTrainer.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = epochs
-        if iterations is not None:
-            self.num_iterations_per_epoch = iterations
-        if val_iterations is not None:
-            self.num_val_iterations_per_epoch = val_iterations
-
-    return type(name, (MedSeqFTPretrainTrainer,), {"__init__": __init__, "__module__": __name__})
-
-
-MedSeqFTPretrainTrainer_5epochs = _budget_variant("MedSeqFTPretrainTrainer_5epochs", 5)
-MedSeqFTPretrainTrainer_50epochs = _budget_variant("MedSeqFTPretrainTrainer_50epochs", 50)
-MedSeqFTPretrainTrainer_250epochs = _budget_variant("MedSeqFTPretrainTrainer_250epochs", 250)
-# CPU tests and the demo: 8 epochs of 12 iterations, 4 validation batches
-MedSeqFTPretrainTrainer_tiny = _budget_variant("MedSeqFTPretrainTrainer_tiny", 8, 12, 4)
+MedSeqFTPretrainTrainer_5epochs = budget_variant("MedSeqFTPretrainTrainer_5epochs", MedSeqFTPretrainTrainer, __name__, 5)
+MedSeqFTPretrainTrainer_50epochs = budget_variant("MedSeqFTPretrainTrainer_50epochs", MedSeqFTPretrainTrainer, __name__, 50)
+MedSeqFTPretrainTrainer_250epochs = budget_variant("MedSeqFTPretrainTrainer_250epochs", MedSeqFTPretrainTrainer, __name__, 250)
+# CPU tests and the demo: 6 epochs of 10 iterations, 3 validation batches
+MedSeqFTPretrainTrainer_tiny = budget_variant("MedSeqFTPretrainTrainer_tiny", MedSeqFTPretrainTrainer, __name__,
+                                              6, 10, 3)

@@ -1,0 +1,90 @@
+"""LoRA on nnU-Net networks (the all_modules trap, merge) and the feature distance, on the foundation's network."""
+
+import copy
+
+import pytest
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_medseqft import lora
+from nnunetv2_medseqft.distill import FeatureTaps, feature_distance
+from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.foundation import load_foundation
+from nnunetv2_medseqft.rft_settings import RFTSettings
+
+TARGETS = RFTSettings().lora_targets
+
+
+@pytest.fixture(scope="module")
+def network(tiny_foundation):
+    f = load_foundation(str(tiny_foundation))
+    pm = PlansManager(copy.deepcopy(f.plans))
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 3, True)
+    x = torch.randn(1, 1, *pm.get_configuration("3d_fullres").patch_size)
+    return net.eval(), x
+
+
+def _perturb_lora(student):
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+
+
+def test_lora_changes_output_and_merge_reproduces_it(network):
+    net, x = network
+    plain = copy.deepcopy(net)
+    reference = plain(x)[0]
+    student = lora.add_lora(copy.deepcopy(net), rank=4, alpha=8, targets=TARGETS)
+    assert torch.allclose(student(x)[0], reference, atol=1e-5), "LoRA starts as the identity (B = 0)"
+    _perturb_lora(student)
+    adapted = student(x)[0]
+    # guards the all_modules trap: without the re-link LoRA would have no effect at all
+    assert (adapted - reference).abs().max() > 1e-2
+    merged_state = lora.merged_state_dict(student)
+    assert set(merged_state) == set(plain.state_dict())
+    assert all(merged_state[k].shape == v.shape for k, v in plain.state_dict().items())
+    rebuilt = copy.deepcopy(plain)
+    rebuilt.load_state_dict(merged_state)
+    merged = lora.merge(student)
+    assert type(merged) is type(plain) and set(merged.state_dict()) == set(plain.state_dict())
+    assert (merged(x)[0] - adapted).abs().max() < 1e-4
+    assert (rebuilt(x)[0] - adapted).abs().max() < 1e-4
+
+
+def test_trainable_set_is_lora_norms_and_head(network):
+    net, _ = network
+    student = lora.add_lora(copy.deepcopy(net), rank=4, alpha=8, targets=TARGETS)
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable) and any(".seg_layers." in n for n in trainable)
+    assert any(".norm." in n for n in trainable)
+    assert not any(n.endswith("base_layer.weight") for n in trainable), "the base convs stay frozen"
+    assert not any("transpconvs" in n for n in trainable)
+
+
+def test_rank_above_layer_capacity_is_refused(network):
+    net, _ = network
+    with pytest.raises(MedSeqFTError, match="LoRA rank 100000 exceeds"):
+        lora.add_lora(copy.deepcopy(net), rank=100000, alpha=8, targets=TARGETS)
+
+
+def test_feature_distance_zero_for_equal_models_positive_otherwise(network):
+    net, x = network
+    teacher = copy.deepcopy(net)
+    student = lora.add_lora(copy.deepcopy(net), rank=4, alpha=8, targets=TARGETS)
+    taps_s, taps_t = FeatureTaps(student), FeatureTaps(teacher)
+    assert len(taps_s.names) == 2 * len(net.encoder.stages) - 1  # every encoder stage + every decoder stage
+    student(x)
+    teacher(x)
+    assert feature_distance(taps_s.collect(), taps_t.collect()).item() < 1e-8
+    _perturb_lora(student)
+    student(x)
+    teacher(x)
+    assert feature_distance(taps_s.collect(), taps_t.collect()).item() > 1e-4
+
+
+def test_negative_lambdas_refused():
+    with pytest.raises(MedSeqFTError, match="lambda_k and lambda_g must be >= 0"):
+        RFTSettings(lambda_g=-1.0)

@@ -1,0 +1,151 @@
+"""MedSeqFTTrainer: real tiny nnUNetv2_train runs (stage A, stage B, merge), stock predict, resume, bad inputs."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import FIRST_TASK_ID
+from nnunet_helpers import BIN, run
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from nnunetv2_medseqft import lora
+from nnunetv2_medseqft.checkpointing import sha256_file
+
+TRAINER = "MedSeqFTTrainer_tiny"
+
+
+def _train_cmd(tiny_foundation, fold, *extra):
+    return ["nnUNetv2_train", str(FIRST_TASK_ID), "3d_fullres", str(fold), "-tr", TRAINER, "-p", "MedSeqFTPlans",
+            "-device", "cpu", *extra] + (["-pretrained_weights", str(tiny_foundation)] if "--c" not in extra else [])
+
+
+def _out(planned_task, fold):
+    return planned_task.folders.results / planned_task.dataset_name / f"{TRAINER}__MedSeqFTPlans__3d_fullres" / f"fold_{fold}"
+
+
+@pytest.fixture(scope="module")
+def trained(planned_task, tiny_foundation):
+    run(_train_cmd(tiny_foundation, 0), planned_task.folders)
+    return _out(planned_task, 0)
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_run_writes_ft_mt_adapter_and_provenance(trained, tiny_foundation, planned_task):
+    for name in ("checkpoint_fft.pth", "checkpoint_final.pth", "previous_model.pth", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/norms_and_head.safetensors"):
+        assert (trained / name).is_file(), name
+    final, fft = _load(trained / "checkpoint_final.pth"), _load(trained / "checkpoint_fft.pth")
+    assert set(final["network_weights"]) == set(fft["network_weights"]), "M_t is a plain nnU-Net network"
+    assert all(final["network_weights"][k].shape == v.shape for k, v in fft["network_weights"].items())
+    assert not any("lora" in k for k in final["network_weights"])
+    section = final["medseqft"]
+    assert section["stage"] == "merged" and fft["medseqft"]["stage"] == "A"
+    assert section["previous_model"]["sha256"] == sha256_file(str(tiny_foundation))
+    assert section["foundation"]["sha256"] == sha256_file(str(tiny_foundation))
+    assert section["rft"]["lora_rank"] == 4 and section["buffer"]["mode"] == "mds"
+    assert len(section["buffer"]["buffer"]) >= 2
+    body = [k for k in fft["network_weights"] if ".seg_layers." not in k]
+    assert any(not torch.equal(final["network_weights"][k], fft["network_weights"][k]) for k in body)
+    log = final["logging"]
+    assert len(log["medseqft_k"]) == 2 and all(v > 0 for v in log["medseqft_k"]), "K term logged per stage-B epoch"
+    assert len(log["medseqft_seg"]) == 2
+
+
+def test_mt_rebuilds_from_previous_model_and_adapter(trained):
+    """M_(t-1) + peft adapter + trained norms/head == checkpoint_final (what chain packing relies on)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    final = _load(trained / "checkpoint_final.pth")
+    pm = PlansManager(final["init_args"]["plans"])
+    base = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 2, True)
+    base.load_state_dict(_load(trained / "previous_model.pth")["network_weights"])
+    student = PeftModel.from_pretrained(base, str(trained / "adapter"))
+    lora.relink_conv_blocks(student)
+    student.base_model.model.load_state_dict(load_file(str(trained / "adapter/norms_and_head.safetensors")),
+                                             strict=False)
+    rebuilt = lora.merge(student).state_dict()
+    diff = max((rebuilt[k] - v).abs().max().item() for k, v in final["network_weights"].items())
+    assert diff < 1e-5, diff
+
+
+def test_stock_predict_on_merged_model(trained, planned_task, tmp_path):
+    raw = planned_task.folders.raw / planned_task.dataset_name
+    case = sorted((raw / "imagesTr").glob("*_0000.nii.gz"))[0]
+    (tmp_path / "in").mkdir()
+    os.symlink(case, tmp_path / "in" / case.name)
+    run(["nnUNetv2_predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", str(FIRST_TASK_ID),
+         "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-p", "MedSeqFTPlans", "-device", "cpu",
+         "-npp", "1", "-nps", "1", "--disable_tta"], planned_task.folders)
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / case.name.replace("_0000", ""))))
+    assert seg.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(case))).shape
+    assert set(np.unique(seg)) <= {0, 1}
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_kill_inside_stage_b_and_resume(planned_task, tiny_foundation):
+    out = _out(planned_task, 1)
+    proc = subprocess.Popen([str(BIN / c) if i == 0 else c for i, c in enumerate(_train_cmd(tiny_foundation, 1))],
+                            env=planned_task.folders.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline:
+            latest = out / "checkpoint_latest.pth"
+            if latest.is_file() and proc.poll() is None:
+                try:
+                    if _load(latest)["medseqft"]["stage"] == "B":
+                        break
+                except Exception:  # being written right now
+                    pass
+            assert proc.poll() is None, "training ended before it could be interrupted in stage B"
+            time.sleep(1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "checkpoint_final.pth").exists()
+    fft_hash = _sha(out / "checkpoint_fft.pth")
+    run(_train_cmd(tiny_foundation, 1, "--c"), planned_task.folders)
+    final = _load(out / "checkpoint_final.pth")
+    assert final["medseqft"]["stage"] == "merged" and final["current_epoch"] == 4
+    assert _sha(out / "checkpoint_fft.pth") == fft_hash, "F_t must never be rewritten by a resumed run"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_missing_pretrained_weights_is_explained(planned_task):
+    proc = run(["nnUNetv2_train", str(FIRST_TASK_ID), "3d_fullres", "2", "-tr", TRAINER, "-p", "MedSeqFTPlans",
+                "-device", "cpu"], planned_task.folders, check=False)
+    assert proc.returncode != 0
+    assert "-pretrained_weights" in proc.stderr and "foundation itself" in proc.stderr
+
+
+def test_other_architecture_is_refused_naming_medseqft_plan(planned_task, tiny_foundation, tmp_path):
+    ckpt = _load(tiny_foundation)
+    arch = ckpt["init_args"]["plans"]["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = [f * 2 for f in arch["features_per_stage"]]
+    torch.save(ckpt, tmp_path / "other.pth")
+    proc = run(["nnUNetv2_train", str(FIRST_TASK_ID), "3d_fullres", "3", "-tr", TRAINER, "-p", "MedSeqFTPlans",
+                "-device", "cpu", "-pretrained_weights", str(tmp_path / "other.pth")], planned_task.folders,
+               check=False)
+    assert proc.returncode != 0 and "medseqft plan" in proc.stderr and "architecture" in proc.stderr
+
+
+def test_corrupt_pretrained_weights(planned_task, tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    proc = run(["nnUNetv2_train", str(FIRST_TASK_ID), "3d_fullres", "3", "-tr", TRAINER, "-p", "MedSeqFTPlans",
+                "-device", "cpu", "-pretrained_weights", str(tmp_path / "bad.pth")], planned_task.folders, check=False)
+    assert proc.returncode != 0 and "unreadable or truncated" in proc.stderr
