@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "unregister": ("nnunetv2_medseqft.discovery", "remove the shims written by 'register'"),
     "synth": ("nnunetv2_medseqft.synth.cli", "generate the multi-task CT-like benchmark datasets"),
     "plan": ("nnunetv2_medseqft.plan_cli", "plan + preprocess datasets with the foundation's plans (MedSeqFTPlanner)"),
+    "select": ("nnunetv2_medseqft.select_cli",
+               "score training cases with the foundation's SSL loss and write the MDS buffer"),
 }
 
 

@@ -1,0 +1,296 @@
+"""MDS buffer selection on a real generated task, scored with the real tiny foundation.
+
+Each test works on a private copy of the planned task's preprocessed folder (nnUNet_preprocessed points
+at it), so buffer files, split files and deliberately broken plans never reach other tests.
+Draw counts are kept small: one forward of 8 patches of the tiny network takes ~1 s on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.mds import (
+    CaseStream,
+    buffer_file_path,
+    load_buffer,
+    prepare,
+    score,
+    select_buffer,
+    summary_table,
+)
+from nnunetv2_medseqft.mds_settings import MDSSettings
+
+CHEAP = MDSSettings(k=2, repeats=2, draws_per_batch=2)  # one forward of 2 patches per case
+
+
+def _copy_task(task, root: Path) -> SimpleNamespace:
+    """The task's plans, dataset.json and data under root/nnUNet_preprocessed (no split or buffer files)."""
+    src = task.folders.preprocessed / task.dataset_name
+    dst = root / "nnUNet_preprocessed" / task.dataset_name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("splits_final.json", "mds_buffer__*", "gt_segmentations"))
+    plans = json.loads((dst / f"{task.plans_name}.json").read_text())
+    data = dst / plans["configurations"]["3d_fullres"]["data_identifier"]
+    return SimpleNamespace(name=task.dataset_name, plans_name=task.plans_name, folder=dst, data=data,
+                           plans_file=dst / f"{task.plans_name}.json", raw=task.folders.raw / task.dataset_name)
+
+
+def _env(mp, task, root: Path) -> None:
+    mp.setenv("nnUNet_preprocessed", str(root / "nnUNet_preprocessed"))
+    mp.setenv("nnUNet_raw", str(task.folders.raw))
+    mp.setenv("nnUNet_results", str(task.folders.results))
+
+
+@pytest.fixture
+def work(planned_task, tmp_path, monkeypatch) -> SimpleNamespace:
+    _env(monkeypatch, planned_task, tmp_path)
+    return _copy_task(planned_task, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def fold_all(planned_task, tmp_path_factory):
+    """Fixed (16 draws) and adaptive (8..16 draws) scoring of all 8 cases, K = 4, on one shared copy."""
+    root = tmp_path_factory.mktemp("mds_all")
+    with pytest.MonkeyPatch.context() as mp:
+        _env(mp, planned_task, root)
+        w = _copy_task(planned_task, root)
+        fixed = select_buffer(w.name, "all", settings=MDSSettings(k=4, repeats=16), progress=False, log=None)
+        adaptive = select_buffer(w.name, "all", settings=MDSSettings(k=4, min_repeats=8, max_repeats=16),
+                                 progress=False, log=None)
+    sites = json.loads((w.raw / "sites.json").read_text())
+    return SimpleNamespace(fixed=fixed, adaptive=adaptive, sites=sites["cases"], pool_sites=set(sites["pool_sites"]))
+
+
+def _data_listing(w) -> list[str]:
+    return sorted(p.name for p in w.data.iterdir())
+
+
+def test_fold_training_cases_only_finite_reproducible(work):
+    before = _data_listing(work)
+    record = select_buffer(work.name, 0, settings=MDSSettings(k=2, repeats=4, draws_per_batch=4),
+                           progress=False, log=None)
+    # nnU-Net's own split was written, and only its training cases were scored
+    splits = json.loads((work.folder / "splits_final.json").read_text())
+    assert sorted(record["cases"]) == sorted(splits[0]["train"])
+    assert not set(record["cases"]) & set(splits[0]["val"])
+    assert record["key"]["training_cases"] == sorted(splits[0]["train"])
+    # the buffer file sits next to splits_final.json; nothing new inside the data folder
+    path = Path(buffer_file_path(work.name, 0, work.plans_name))
+    assert path.parent == work.folder and path.is_file()
+    assert _data_listing(work) == before
+    assert json.loads(path.read_text()) == record
+    # scores: finite, K lowest selected
+    means = {c: r["mean"] for c, r in record["cases"].items()}
+    assert all(np.isfinite(m) and m > 0 for m in means.values())
+    assert all(r["draws"] == 4 and r["se"] > 0 for r in record["cases"].values())
+    assert record["buffer"] == sorted(means, key=means.get)[:2]
+    assert record["draws"] == 4 * len(means) and record["forward_passes"] == len(means)
+    # reproducible, and a case's scores do not depend on which other cases are scored with it
+    inputs = prepare(work.name, 0, settings=MDSSettings(k=2, repeats=4, draws_per_batch=4), log=lambda *_: None)
+    some = sorted(means)[-2:]
+    again = score(dataclasses.replace(inputs, cases=some, k=1), progress=False)
+    assert {c: again["cases"][c]["mean"] for c in some} == {c: means[c] for c in some}
+    other_seed = score(dataclasses.replace(inputs, cases=some, k=1,
+                                           settings=MDSSettings(k=2, repeats=4, draws_per_batch=4, seed=1)),
+                       progress=False)
+    assert all(other_seed["cases"][c]["mean"] != means[c] for c in some)
+    # nnU-Net's seeded 80:20 split for a fold beyond the split file; fold 'all' = every case
+    assert len(prepare(work.name, 7, settings=CHEAP, log=lambda *_: None).cases) == int(0.8 * 8)
+    assert len(prepare(work.name, "all", settings=CHEAP, log=lambda *_: None).cases) == 8
+
+
+def test_reuse_and_recompute(work):
+    log = []
+    first = select_buffer(work.name, 1, settings=CHEAP, progress=False, log=log.append)
+    path = Path(buffer_file_path(work.name, 1, work.plans_name))
+    stamp = path.stat().st_mtime_ns
+    assert select_buffer(work.name, 1, settings=CHEAP, progress=False, log=log.append) == first
+    assert "reusing" in log[-1] and path.stat().st_mtime_ns == stamp
+    assert load_buffer(work.name, 1, settings=CHEAP) == first
+
+    changed = dataclasses.replace(CHEAP, seed=3)
+    with pytest.raises(MedSeqFTError, match=r"stale.*settings.*medseqft select"):
+        load_buffer(work.name, 1, settings=changed)
+    log.clear()
+    second = select_buffer(work.name, 1, settings=changed, progress=False, log=log.append)
+    assert any("recomputing" in line and "settings" in line for line in log)
+    assert second["key"]["settings"]["seed"] == 3 and json.loads(path.read_text()) == second
+    # other folds' files are untouched; a missing buffer is an error for load_buffer
+    with pytest.raises(MedSeqFTError, match="No valid MDS buffer"):
+        load_buffer(work.name, 2, settings=CHEAP)
+    # a different split (training cases) also invalidates
+    splits = json.loads((work.folder / "splits_final.json").read_text())
+    splits[1]["train"] = splits[1]["train"][:-1]
+    (work.folder / "splits_final.json").write_text(json.dumps(splits))
+    with pytest.raises(MedSeqFTError, match="training_cases"):
+        load_buffer(work.name, 1, settings=changed)
+
+
+def test_adaptive_matches_fixed_with_fewer_draws(fold_all):
+    fixed, adaptive = fold_all.fixed, fold_all.adaptive
+    assert set(adaptive["buffer"]) == set(fixed["buffer"])
+    assert adaptive["draws"] < fixed["draws"], (adaptive["draws"], fixed["draws"])
+    assert adaptive["mode"] == "adaptive" and adaptive["z"] > 3  # Bonferroni over 8 cases at 0.99
+    for case, r in adaptive["cases"].items():
+        assert r["draws"] in (8, 16)
+        if r["draws"] == 16:  # same streams: a case drawn to the cap has exactly the fixed-mode score
+            assert r["mean"] == pytest.approx(fixed["cases"][case]["mean"], rel=1e-12)
+        if r["settled"] and adaptive["boundary"] is not None:  # interval clear of the boundary
+            assert abs(r["mean"] - adaptive["boundary"]) > adaptive["z"] * r["se"]
+    table = summary_table(adaptive, fold_all.sites)
+    assert all(case in table for case in adaptive["cases"]) and "siteC" in table
+
+
+def test_site_precision(fold_all):
+    """Fraction of the buffer from the pool's sites vs the random expectation (4 of 8 cases are from them).
+
+    Measured with four independently pre-trained tiny foundations: precision 0.0-0.5 against a random
+    0.5-0.67, never above random. The shifted site C is blurred (2.2 mm vs 0.8-1.0 mm) and low-contrast
+    (scale 0.8), so its masked voxels are easier to inpaint (about half the gradient energy of sites A/B)
+    and its cases tend to get the LOWEST SSL losses: low MIM loss does not mean "like the pre-training
+    data" for a blur/contrast shift (the known failure of likelihood-style OOD scores). With 8 cases no
+    threshold above random is statistically justified anyway (all 4 from pool sites by chance: p = 1/70),
+    so the test reports the measurement and xfails when MDS is not above random.
+    """
+    record = fold_all.fixed
+    pool = [fold_all.sites[c] in fold_all.pool_sites for c in record["cases"]]
+    random_precision = sum(pool) / len(pool)
+    precision = np.mean([fold_all.sites[c] in fold_all.pool_sites for c in record["buffer"]])
+    ranks = {c: r["rank"] for c, r in record["cases"].items()}
+    shifted = [ranks[c] for c in ranks if fold_all.sites[c] not in fold_all.pool_sites]
+    in_pool = [ranks[c] for c in ranks if fold_all.sites[c] in fold_all.pool_sites]
+    auc = np.mean([a < b for a in in_pool for b in shifted])  # P(pool-site case ranks better)
+    print(f"site precision {precision:.2f} (random {random_precision:.2f}), rank AUC pool<shifted {auc:.2f}")
+    if precision <= random_precision:
+        pytest.xfail(f"MDS buffer site precision {precision:.2f} <= random {random_precision:.2f} "
+                     f"(rank AUC {auc:.2f}); blurred site C tends to get the lowest SSL loss, see docstring")
+    assert precision == 1.0  # the only outcome that beats chance at p < 0.05 with 4 of 8
+
+
+def test_cli_select(work, capsys):
+    from nnunetv2_medseqft import select_cli
+
+    parser = argparse.ArgumentParser()
+    select_cli.configure_parser(parser, "select")
+    args = parser.parse_args(["-d", work.name, "-f", "0", "--k", "2", "--repeats", "2", "--seed", "5"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    record = json.loads(Path(buffer_file_path(work.name, 0, work.plans_name)).read_text())
+    assert out.strip().splitlines()[-1] == " ".join(record["buffer"])
+    assert "buffer" in out and "siteC" in out  # summary table with sites
+    assert record["key"]["settings"]["seed"] == 5 and record["k"] == 2
+    bad = parser.parse_args(["-d", work.name, "-f", "0", "--repeats", "2", "--max-repeats", "4"])
+    with pytest.raises(MedSeqFTError, match="exclude each other"):
+        bad.func(bad)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-d", work.name, "-f", "0", "--k", "2", "--k-frac", "0.5"])
+    # --max-repeats below the default min_repeats lowers the floor instead of failing
+    args = parser.parse_args(["-d", work.name, "-f", "0", "--max-repeats", "4"])
+    assert select_cli.settings_from_args(args, MDSSettings()).min_repeats == 4
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def _edit_plans(w, edit) -> None:
+    plans = json.loads(w.plans_file.read_text())
+    edit(plans)
+    w.plans_file.write_text(json.dumps(plans))
+
+
+def _save_as_if_on_cuda(obj, path) -> None:
+    """torch.save that records every storage as 'cuda:0', as a checkpoint saved from a GPU does (the bytes
+    are always written from host memory); loading it without map_location fails on a CPU-only machine."""
+    import torch.serialization as ser
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ser, "location_tag", lambda storage: "cuda:0")
+        torch.save(obj, path)
+
+
+def test_cuda_saved_foundation_loads_on_cpu(work, tiny_foundation, tmp_path):
+    from nnunetv2_medseqft.foundation import load_foundation
+    from nnunetv2_medseqft.mds import SSLScorer
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    ckpt = torch.load(tiny_foundation, map_location="cpu", weights_only=False)
+    cuda_path = tmp_path / "cuda_checkpoint_final.pth"
+    _save_as_if_on_cuda(ckpt, cuda_path)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(cuda_path, weights_only=False)
+    cpu, cuda = load_foundation(str(tiny_foundation)), load_foundation(str(cuda_path))
+    x = np.random.default_rng(0).standard_normal((2, 1, *cpu.plans["configurations"]["3d_fullres"]["patch_size"]))
+    x = x.astype(np.float32)
+    a = SSLScorer(cpu).losses(x, torch.Generator().manual_seed(0))
+    b = SSLScorer(cuda).losses(x, torch.Generator().manual_seed(0))
+    assert np.array_equal(a, b)
+
+
+def test_plain_segmentation_checkpoint_is_refused(work, tiny_foundation, tmp_path):
+    ckpt = torch.load(tiny_foundation, map_location="cpu", weights_only=False)
+    del ckpt["medseqft"]
+    ckpt["trainer_name"] = "nnUNetTrainer"
+    plain = tmp_path / "plain.pth"
+    torch.save(ckpt, plain)
+    with pytest.raises(MedSeqFTError, match="not a MedSeqFT foundation.*SSL head"):
+        prepare(work.name, 0, foundation_path=str(plain), settings=CHEAP)
+
+
+def test_missing_and_corrupt_checkpoints(work, tiny_foundation, tmp_path):
+    with pytest.raises(MedSeqFTError, match="not found"):
+        prepare(work.name, 0, foundation_path=str(tmp_path / "nope.pth"), settings=CHEAP)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(Path(tiny_foundation).read_bytes()[:5000])
+    with pytest.raises(MedSeqFTError, match="unreadable or truncated"):
+        prepare(work.name, 0, foundation_path=str(broken), settings=CHEAP)
+
+
+def test_k_larger_than_training_cases(work):
+    with pytest.raises(MedSeqFTError, match="k=7 exceeds the fold's 6 training cases"):
+        prepare(work.name, 0, settings=MDSSettings(k=7), log=lambda *_: None)
+
+
+def test_unplanned_or_mismatched_plans(work, tiny_foundation, tmp_path):
+    plan_hint = rf"medseqft plan -d {work.name} --foundation"
+    with pytest.raises(MedSeqFTError, match=rf"No plans.*{plan_hint}"):
+        prepare(work.name, 0, plans_name="nnUNetPlans", settings=CHEAP)
+    # a foundation other than the one the plans were made for (sha256 differs)
+    other = tmp_path / "other.pth"
+    ckpt = torch.load(tiny_foundation, map_location="cpu", weights_only=False)
+    ckpt["current_epoch"] += 1
+    torch.save(ckpt, other)
+    with pytest.raises(MedSeqFTError, match=rf"sha256.*another foundation.*{plan_hint}"):
+        prepare(work.name, 0, foundation_path=str(other), settings=CHEAP)
+    # architecture fields changed by hand
+    _edit_plans(work, lambda p: p["configurations"]["3d_fullres"].update(patch_size=[16, 16, 16]))
+    with pytest.raises(MedSeqFTError, match=rf"patch_size.*{plan_hint}"):
+        prepare(work.name, 0, settings=CHEAP)
+    # stock plans without the medseqft section
+    _edit_plans(work, lambda p: p.pop("medseqft"))
+    with pytest.raises(MedSeqFTError, match=rf"no medseqft foundation section.*{plan_hint}"):
+        prepare(work.name, 0, settings=CHEAP)
+
+
+def test_missing_preprocessed_data_and_bad_fold(work):
+    with pytest.raises(MedSeqFTError, match="Bad fold"):
+        prepare(work.name, "x", settings=CHEAP)
+    shutil.rmtree(work.data)
+    with pytest.raises(MedSeqFTError, match=r"missing or empty.*medseqft plan -d"):
+        prepare(work.name, 0, settings=CHEAP)
+
+
+def test_case_streams_are_keyed_by_seed_and_case():
+    a, b = CaseStream.create(0, "case_1"), CaseStream.create(0, "case_1")
+    assert a.rng.random() == b.rng.random() and torch.equal(torch.rand(3, generator=a.generator),
+                                                            torch.rand(3, generator=b.generator))
+    assert CaseStream.create(0, "case_2").rng.random() != CaseStream.create(0, "case_1").rng.random()
+    assert CaseStream.create(1, "case_1").rng.random() != CaseStream.create(0, "case_1").rng.random()
