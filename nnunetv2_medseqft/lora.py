@@ -14,6 +14,7 @@ import re
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Conv3d as LoraConv3d
 from safetensors.torch import save_file
 
 from nnunetv2_medseqft.errors import MedSeqFTError
@@ -45,10 +46,34 @@ def is_norm_or_head(name: str, module: torch.nn.Module) -> bool:
     return isinstance(module, NORM_TYPES) or ".seg_layers." in f".{name}."
 
 
-def add_lora(network: torch.nn.Module, rank: int, alpha: float, targets: str) -> PeftModel:
+class MergedWeightConv3d(LoraConv3d):
+    """peft's LoRA Conv3d, computed as ONE convolution with W + scale * B A.
+
+    peft's branch runs two extra convolutions on the activations (k^3 conv to r channels, 1x1x1 back),
+    in float32 under autocast; for 3D feature maps that costs several times the frozen conv itself.
+    The merged weight is tiny to form, gradients reach A and B through it, and the result is
+    mathematically identical (no LoRA dropout). peft's merge/save/load see an ordinary LoRA layer."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer
+        if self.disable_adapters or self.merged or not self.active_adapters:
+            return base(x)
+        weight = base.weight
+        for name in self.active_adapters:
+            weight = weight + self.get_delta_weight(name).to(weight.dtype)
+        return base._conv_forward(x, weight, base.bias)
+
+
+def add_lora(network: torch.nn.Module, rank: int, alpha: float, targets: str,
+             merged_weight_forward: bool = True) -> PeftModel:
     """Freeze ``network``, add LoRA to the target convs; LoRA factors, norm affines and the head train."""
     _check_rank(network, rank, targets)
-    student = get_peft_model(network, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets))
+    student = get_peft_model(network, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                 target_modules=targets))
+    if merged_weight_forward:
+        for m in student.modules():
+            if type(m) is LoraConv3d:
+                m.__class__ = MergedWeightConv3d
     relink_conv_blocks(student)
     for p in student.parameters():
         p.requires_grad_(False)

@@ -2,7 +2,7 @@
 
 Every training case of the fold (never a validation case) is scored with the foundation M0's own SSL
 loss: a random patch (plans patch size) and a random block mask (the foundation's SSL settings),
-masked reconstruction MSE, computed by the pre-training trainer's own ``_ssl_forward``. The score of a
+masked reconstruction MSE, computed by ``ssl.ssl_losses``, the function pre-training optimises. The score of a
 case is its mean loss over many such draws; the buffer is the K cases with the lowest means.
 
 Fixed mode (``repeats=R``): R draws for every case (the paper: about 1000).
@@ -54,7 +54,7 @@ import torch
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.foundation import Foundation, architecture_mismatches, load_foundation
 from nnunetv2_medseqft.mds_settings import MDSSettings
-from nnunetv2_medseqft.ssl import random_patch
+from nnunetv2_medseqft.ssl import random_patch, ssl_losses
 
 FORMAT = "medseqft-mds-buffer/1"
 SPLIT_SEED = 12345  # nnUNetTrainer.do_split
@@ -228,8 +228,7 @@ def _configuration(plans: dict, configuration: str) -> dict:
 # ---------------------------------------------------------------- scoring
 
 class SSLScorer:
-    """Stand-in for the pre-training trainer (``network``, ``ssl_settings``, ``device``), so the loss is
-    computed by MedSeqFTPretrainTrainer._ssl_forward itself: same mask, autocast policy and loss."""
+    """The foundation's SSL loss, computed by ``ssl.ssl_losses`` exactly as in pre-training."""
 
     def __init__(self, foundation: Foundation, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
@@ -237,11 +236,9 @@ class SSLScorer:
         self.ssl_settings = foundation.ssl
 
     def losses(self, patches: np.ndarray, generator: torch.Generator) -> np.ndarray:
-        from nnunetv2_medseqft.trainers.pretrain import MedSeqFTPretrainTrainer
-
         x = torch.from_numpy(patches).to(self.device)
         with torch.inference_mode():
-            per_sample, _ = MedSeqFTPretrainTrainer._ssl_forward(self, x, generator=generator)
+            per_sample, _ = ssl_losses(self.network, x, self.ssl_settings, generator)
         return per_sample.float().cpu().numpy()
 
 

@@ -7,6 +7,7 @@ settings travel inside the foundation checkpoint (``SSLSettings.to_dict``).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,17 @@ def masked_mse_per_sample(prediction: torch.Tensor, target: torch.Tensor, mask: 
     err = (prediction.float() - target.float()) ** 2 * mask
     n = mask.sum(dim=tuple(range(1, mask.ndim))) * prediction.shape[1]
     return err.sum(dim=tuple(range(1, err.ndim))) / n.clamp_min(1.0)
+
+
+def ssl_losses(network: torch.nn.Module, data: torch.Tensor, settings: SSLSettings,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample masked reconstruction loss of ``network`` on ``data``, and the loss of predicting 0
+    (the yardstick for a reconstruction score). Autocast on CUDA, as nnU-Net trains."""
+    mask = block_mask(data.shape, settings, generator=generator, device=data.device)
+    amp = torch.autocast(data.device.type, enabled=True) if data.device.type == "cuda" else nullcontext()
+    with amp:
+        prediction = network(mask_input(data, mask))
+    return masked_mse_per_sample(prediction, data, mask), masked_mse_per_sample(torch.zeros_like(data), data, mask)
 
 
 def random_patch(data: np.ndarray, patch_size, rng: np.random.Generator) -> np.ndarray:

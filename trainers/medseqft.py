@@ -73,8 +73,9 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
 
     def _do_i_compile(self):
         if super()._do_i_compile():
-            self.print_to_log_file("torch.compile is off for MedSeqFT trainers: the network is rebuilt with peft "
-                                   "LoRA between stages and feature hooks are attached to it.")
+            self.print_to_log_file("torch.compile is off for MedSeqFT task trainers: the network is rebuilt "
+                                   "(LoRA student, teachers) between stages, which discards a compiled graph. "
+                                   "Compiling works with LoRA and hooks (benchmarks/gpu_check.py).")
         return False
 
     def initialize(self):

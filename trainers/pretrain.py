@@ -14,12 +14,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast
 
 from nnunetv2_medseqft.checkpointing import MedSeqFTCheckpointMixin
 from nnunetv2_medseqft.plans_checks import require_3d_configuration
-from nnunetv2_medseqft.ssl import SSLSettings, block_mask, mask_input, masked_mse_per_sample, random_patch
+from nnunetv2_medseqft.ssl import SSLSettings, masked_mse_per_sample, random_patch, ssl_losses
 from nnunetv2_medseqft.train_steps import backward_and_step
 from nnunetv2_medseqft.trainer_variants import budget_variant
 
@@ -57,13 +55,7 @@ class MedSeqFTPretrainTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         self.print_to_log_file(f"MedSeqFT SSL pre-training: masked-image modelling with {self.ssl_settings}")
 
     def _ssl_forward(self, data: torch.Tensor, generator=None):
-        mask = block_mask(data.shape, self.ssl_settings, generator=generator, device=data.device)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            prediction = self.network(mask_input(data, mask))
-        per_sample = masked_mse_per_sample(prediction, data, mask)
-        # loss of predicting 0 (the intensity mean): the yardstick for the reconstruction score
-        baseline = masked_mse_per_sample(torch.zeros_like(data), data, mask)
-        return per_sample, baseline
+        return ssl_losses(self.network, data, self.ssl_settings, generator)
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
