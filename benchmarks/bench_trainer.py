@@ -68,8 +68,9 @@ def child(args) -> None:
     step = step_fn(tr, batches, "B" if args.child == "rft" else "A")
     for _ in range(args.steps):
         step()
-    print(json.dumps({"peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tr.on_train_end()
+    print(json.dumps({"peak_rss_kib": peak}))
 
 
 def merge_diff(trainer, batch) -> float:

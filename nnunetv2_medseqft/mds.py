@@ -14,17 +14,20 @@ per forward). Every case first gets ``min_repeats`` draws; then, after each roun
   * b = midpoint between the K-th and the (K+1)-th smallest mean (the buffer boundary);
   * z = Phi^-1(1 - alpha / (2 n)), alpha = 1 - confidence: a two-sided interval per case, Bonferroni
     corrected over the n cases (n = 100, confidence 0.99: z = 3.89);
-  * case i is *settled* when its interval m_i +- z se_i lies entirely on one side of b.
+  * case i is *settled* when its interval m_i +- z se_i lies entirely on one side of b, or is no
+    wider than the indifference zone tolerance * |b| (``MDSSettings.tolerance``, 2%).
 Only unsettled cases get another batch; scoring stops when every case is settled or has
 ``max_repeats`` draws. Settled cases are re-checked every round, because b moves.
 
 Guarantee (approximate). If every interval covers its case's true mean (probability >= confidence by
 the union bound, with the CLT's normal approximation for each mean), and every interval lies on one
 side of b, then all selected true means < b < all other true means: the buffer is exactly the top-K
-set by expected loss. It is approximate because (1) the normal approximation is poor for small
-``min_repeats``, (2) looking after every round (optional stopping) inflates the error somewhat, which
-the Bonferroni factor only partly absorbs. Cases whose true means are (near) tied at the boundary
-never settle and end at ``max_repeats``: the rule then says nothing beyond fixed-R scoring. The
+set by expected loss. Cases settled by the indifference zone weaken this to: every selected true
+mean < b (1 + 2 tolerance) and every other > b (1 - 2 tolerance), i.e. near-ties may swap. It is
+approximate because (1) the normal approximation is poor for small ``min_repeats``, (2) looking
+after every round (optional stopping) inflates the error somewhat, which the Bonferroni factor only
+partly absorbs. Cases whose true means are (near) tied at the boundary
+would never settle without the indifference zone; with it they stop once known to within it. The
 benchmark (benchmarks/bench_mds.py) measures the agreement with fixed R = 1000.
 
 Determinism: each case has its own random streams (patch positions, masks) seeded from (seed, case
@@ -322,7 +325,7 @@ def score(inputs: MDSInputs, device: str | torch.device = "cpu", progress: bool 
             engine.draw(case, first)
             bar.set_postfix_str(f"cases {i + 1}/{n}")
         while adaptive:
-            open_cases, _ = _unsettled(cases, k, z)
+            open_cases, _ = _unsettled(cases, k, z, s.tolerance)
             open_cases = [c for c in open_cases if c.n < cap]
             bar.total = bar.n + sum(cap - c.n for c in open_cases)  # upper bound: ETA shrinks as cases settle
             bar.set_postfix_str(f"settled {n - len(open_cases)}/{n}")
@@ -330,7 +333,7 @@ def score(inputs: MDSInputs, device: str | torch.device = "cpu", progress: bool 
                 break
             for case in open_cases:
                 engine.draw(case, min(cap, case.n + s.draws_per_batch))
-    unsettled, boundary = _unsettled(cases, k, z)
+    unsettled, boundary = _unsettled(cases, k, z, s.tolerance)
     means = np.array([c.stats()[0] for c in cases])
     order = sorted(range(n), key=lambda i: (means[i], cases[i].key))
     rank = {cases[i].key: r for r, i in enumerate(order)}
@@ -359,13 +362,16 @@ def score(inputs: MDSInputs, device: str | torch.device = "cpu", progress: bool 
     }))
 
 
-def _unsettled(cases: list[CaseStream], k: int, z: float) -> tuple[list[CaseStream], float | None]:
-    """Cases whose interval mean +- z*se straddles the boundary b (all settled when k = n)."""
+def _unsettled(cases: list[CaseStream], k: int, z: float, tolerance: float = 0.0
+               ) -> tuple[list[CaseStream], float | None]:
+    """Cases whose interval mean +- z*se straddles the boundary b and is wider than the indifference
+    zone tolerance * |b| (all settled when k = n)."""
     stats = [c.stats() for c in cases]
     b = _boundary(np.array([m for m, _ in stats]), k)
     if b is None:
         return [], None
-    return [c for c, (m, se) in zip(cases, stats) if abs(m - b) <= z * se], b
+    zone = tolerance * abs(b)
+    return [c for c, (m, se) in zip(cases, stats) if abs(m - b) <= z * se and z * se > zone], b
 
 
 # ---------------------------------------------------------------- buffer file

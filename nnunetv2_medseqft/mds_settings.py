@@ -13,7 +13,9 @@ class MDSSettings(JsonSettings):
     """k: buffer size (absolute); when None, k = max(min_k, round(k_frac * training cases)).
     repeats: fixed number of SSL-loss draws per case (1000 = the paper's protocol); None = adaptive:
         draw in batches of ``draws_per_batch`` (at least ``min_repeats``) until the top-k set is settled
-        at ``confidence``, or ``max_repeats`` draws.
+        at ``confidence``, or ``max_repeats`` draws. ``tolerance`` is the indifference zone: a case whose
+        mean is known to within tolerance * boundary counts as settled even where it straddles the boundary
+        (near-ties are interchangeable; without it they would run to max_repeats).
     seed: makes patches and masks, hence scores and buffer, reproducible."""
 
     k: int | None = None
@@ -24,6 +26,7 @@ class MDSSettings(JsonSettings):
     max_repeats: int = 1000
     draws_per_batch: int = 8
     confidence: float = 0.99
+    tolerance: float = 0.02
     seed: int = 0
 
     def __post_init__(self):
@@ -37,6 +40,8 @@ class MDSSettings(JsonSettings):
             raise MedSeqFTError(f"MDS needs 1 <= min_repeats <= max_repeats, got {self.min_repeats}, {self.max_repeats}.")
         if self.draws_per_batch < 1:
             raise MedSeqFTError(f"MDS draws_per_batch must be >= 1, got {self.draws_per_batch}.")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise MedSeqFTError(f"MDS tolerance must lie in [0, 1), got {self.tolerance}.")
         if not 0.5 < self.confidence < 1.0:
             raise MedSeqFTError(f"MDS confidence must lie in (0.5, 1), got {self.confidence}.")
 

@@ -54,6 +54,8 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         require_3d_configuration(plans, configuration, self.__class__.__name__)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and not torch.cuda.is_available():  # a gloo process group on CPUs (tests, CPU clusters)
+            self.device, self.grad_scaler = torch.device("cpu"), None
         section = plans.get("medseqft", {})
         self.rft = RFTSettings.from_dict({**section.get("rft", {}), **self.rft_overrides})
         self.mds = MDSSettings.from_dict(section.get("mds", {}))
@@ -79,7 +81,16 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         return False
 
     def initialize(self):
-        super().initialize()
+        # nnU-Net wraps DDP for CUDA only; wrap here instead (also on CPU), the same way as the stage-B student
+        ddp, self.is_ddp = self.is_ddp, False
+        try:
+            super().initialize()
+        finally:
+            self.is_ddp = ddp
+        if ddp:  # what nnU-Net's initialize does differently under DDP
+            self._set_batch_size_and_oversample()  # per-rank batch
+            self.loss = self._build_loss()  # DDP-aware Dice, no zero-weight (= unused) deep-supervision output
+            self.network = self._wrap_ddp(self.network)
         self._init_fingerprint = state_fingerprint(unwrap(self.network).state_dict())
         path = previous_model_path(self.plans_manager.plans)
         if path:
@@ -110,6 +121,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
             atomic_torch_save({"network_weights": state, "provenance": self.previous,
                                "fingerprint": state_fingerprint(state)},
                               os.path.join(self.output_folder, PREVIOUS_MODEL_FILE))
+        self._barrier()
 
     def _select_buffer(self):
         if not self.run_stage_b:
@@ -123,9 +135,13 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         else:
             from nnunetv2_medseqft.mds import select_buffer
 
+            if self.local_rank != 0:  # rank 0 scores and writes the buffer file; the others reuse it
+                self._barrier()
             record = select_buffer(self.plans_manager.dataset_name, self.fold, self.plans_manager.plans_name,
                                    self.configuration_name, device=self.device, progress=False,
                                    log=self.print_to_log_file)
+            if self.local_rank == 0:
+                self._barrier()
             self.buffer_keys = list(record["buffer"])
             self.buffer_record = {"mode": "mds", "buffer": self.buffer_keys, "key": record.get("key")}
         self.print_to_log_file(f"MedSeqFT buffer ({self.rft.buffer}, K={len(self.buffer_keys)}): {self.buffer_keys}")
@@ -151,6 +167,15 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         net.load_state_dict(state_dict)
         return net.to(self.device)
 
+    def _barrier(self):
+        if self.is_ddp:
+            torch.distributed.barrier()
+
+    def _wrap_ddp(self, net: torch.nn.Module) -> torch.nn.Module:
+        if self.device.type == "cuda":
+            return DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(net), device_ids=[self.local_rank])
+        return DDP(net)
+
     def _frozen(self, net: torch.nn.Module) -> torch.nn.Module:
         net.eval()
         for p in net.parameters():
@@ -166,6 +191,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
             if student_state is None:  # leaving stage A now: F_t is the current network
                 self.save_checkpoint(fft_path)
                 self.print_to_log_file(f"Stage A done: F_t saved as {fft_path}")
+                self._barrier()
             fft_state = load_checkpoint_file(fft_path, what="F_t checkpoint")["network_weights"]
             self.teacher_fft = self._frozen(self._fresh_network(fft_state))
             head = {k: v for k, v in fft_state.items() if ".seg_layers." in k}
@@ -177,8 +203,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         if student_state is not None:
             student.load_state_dict(student_state, strict=False)
         self.student = student
-        self.network = DDP(student, device_ids=[self.local_rank] if self.device.type == "cuda" else None) \
-            if self.is_ddp else student
+        self.network = self._wrap_ddp(student) if self.is_ddp else student
         self.stage = "B"
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self._taps = {"student": FeatureTaps(student), "prev": FeatureTaps(self.teacher_prev)}
@@ -276,6 +301,8 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         return section
 
     def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
         if self.stage != "B":
             return super().save_checkpoint(filename)
         # the file holds the merged plain network (stock predict works with it); training goes on with the student
