@@ -26,14 +26,16 @@ def previous_model_path(plans: dict, argv: list[str] | None = None) -> str | Non
     return plans.get("medseqft", {}).get("previous_model")
 
 
-def check_previous_model(path: str, plans: dict, configuration: str, trainer_name: str) -> dict:
-    """Refuse an M_{t-1} of another architecture before nnU-Net's loader fails with a bare assertion."""
-    ckpt = load_checkpoint_file(path, what="previous-stage model (-pretrained_weights)")
+def check_previous_model(path: str, plans: dict, configuration: str, trainer_name: str,
+                         what: str = "-pretrained_weights") -> dict:
+    """Refuse a model (M_{t-1}, or a given F_t) of another architecture before nnU-Net's loader fails
+    with a bare assertion; returns its provenance."""
+    ckpt = load_checkpoint_file(path, what=f"model given as {what}")
     args = ckpt["init_args"]
     diff = architecture_mismatches(args["plans"], args["configuration"], plans, configuration)
     if diff:
         raise MedSeqFTError(
-            f"{trainer_name}: -pretrained_weights {path} has another architecture than these plans "
+            f"{trainer_name}: {what} {path} has another architecture than these plans "
             f"({', '.join(diff)} differ). Plan this dataset with the foundation's plans: "
             f"medseqft plan -d {plans.get('dataset_name')} --foundation FOUNDATION/checkpoint_final.pth, "
             f"then train with -p MedSeqFTPlans.")

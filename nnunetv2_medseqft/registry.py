@@ -14,6 +14,8 @@ TRAINERS: dict[str, str] = {
     "MedSeqFTTrainer": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTFFTTrainer": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTLoRATrainer": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTRFTTrainer": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTRFTTrainer_tiny": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTTrainer_randomBuffer": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTTrainer_100epochs": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTFFTTrainer_100epochs": "nnunetv2_medseqft.trainers.medseqft",

@@ -98,8 +98,10 @@ def _sha(path):
 
 def test_kill_inside_stage_b_and_resume(planned_task, tiny_foundation):
     out = _out(planned_task, 1)
+    # own process group: SIGKILL hits the trainer and its data-augmentation workers, like a killed job
     proc = subprocess.Popen([str(BIN / c) if i == 0 else c for i, c in enumerate(_train_cmd(tiny_foundation, 1))],
-                            env=planned_task.folders.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=planned_task.folders.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.time() + 900
     try:
         while time.time() < deadline:
@@ -112,11 +114,11 @@ def test_kill_inside_stage_b_and_resume(planned_task, tiny_foundation):
                     pass
             assert proc.poll() is None, "training ended before it could be interrupted in stage B"
             time.sleep(1)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     assert not (out / "checkpoint_final.pth").exists()
     fft_hash = _sha(out / "checkpoint_fft.pth")
     run(_train_cmd(tiny_foundation, 1, "--c"), planned_task.folders)
@@ -149,3 +151,25 @@ def test_corrupt_pretrained_weights(planned_task, tmp_path):
     proc = run(["nnUNetv2_train", str(FIRST_TASK_ID), "3d_fullres", "3", "-tr", TRAINER, "-p", "MedSeqFTPlans",
                 "-device", "cpu", "-pretrained_weights", str(tmp_path / "bad.pth")], planned_task.folders, check=False)
     assert proc.returncode != 0 and "unreadable or truncated" in proc.stderr
+
+
+def test_stage_b_only_trainer_with_given_ft(trained, planned_task, tiny_foundation):
+    """MedSeqFTRFTTrainer: F_t from the plans' medseqft.fft_model, every epoch in stage B; without it a clear error."""
+    import json
+
+    plans = json.loads((planned_task.preprocessed / "MedSeqFTPlans.json").read_text())
+    proc = run(["nnUNetv2_train", str(FIRST_TASK_ID), "3d_fullres", "0", "-tr", "MedSeqFTRFTTrainer_tiny", "-p",
+                "MedSeqFTPlans", "-device", "cpu", "-pretrained_weights", str(tiny_foundation)],
+               planned_task.folders, check=False)
+    assert proc.returncode != 0 and "needs F_t" in proc.stderr and "fft_model" in proc.stderr
+    plans["plans_name"] = "MedSeqFTPlansRFT"  # same data identifier: the same preprocessed data
+    plans["medseqft"]["fft_model"] = str(trained / "checkpoint_fft.pth")
+    (planned_task.preprocessed / "MedSeqFTPlansRFT.json").write_text(json.dumps(plans))
+    run(["nnUNetv2_train", str(FIRST_TASK_ID), "3d_fullres", "0", "-tr", "MedSeqFTRFTTrainer_tiny", "-p",
+         "MedSeqFTPlansRFT", "-device", "cpu", "-pretrained_weights", str(tiny_foundation)], planned_task.folders)
+    out = planned_task.folders.results / planned_task.dataset_name / \
+        "MedSeqFTRFTTrainer_tiny__MedSeqFTPlansRFT__3d_fullres" / "fold_0"
+    final = _load(out / "checkpoint_final.pth")
+    assert final["medseqft"]["stage"] == "merged" and not (out / "checkpoint_fft.pth").exists()
+    assert final["medseqft"]["fft_model"]["sha256"] == sha256_file(str(trained / "checkpoint_fft.pth"))
+    assert len(final["logging"]["medseqft_k"]) == 4 and all(v > 0 for v in final["logging"]["medseqft_k"])

@@ -63,6 +63,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         self.previous = None  # provenance of M_{t-1}
         self.buffer_keys: list[str] = []
         self.teacher_fft = self.teacher_prev = self.student = None
+        self.fft_provenance = None  # a given F_t (stage-B-only trainer)
         self._taps = {}
         self._init_fingerprint = None
 
@@ -192,6 +193,17 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
                 self.save_checkpoint(fft_path)
                 self.print_to_log_file(f"Stage A done: F_t saved as {fft_path}")
                 self._barrier()
+        else:
+            fft_path = self.plans_manager.plans.get("medseqft", {}).get("fft_model") if self.distill else None
+            if self.distill and not fft_path:
+                raise MedSeqFTError(
+                    f"{self.__class__.__name__} runs stage B only and needs F_t: set \"fft_model\": "
+                    f"\"PATH/checkpoint_fft.pth\" in the plans' medseqft section (or use MedSeqFTTrainer).")
+            if fft_path:
+                self.fft_provenance = check_previous_model(fft_path, self.plans_manager.plans,
+                                                           self.configuration_name, self.__class__.__name__,
+                                                           what="medseqft.fft_model")
+        if fft_path:
             fft_state = load_checkpoint_file(fft_path, what="F_t checkpoint")["network_weights"]
             self.teacher_fft = self._frozen(self._fresh_network(fft_state))
             head = {k: v for k, v in fft_state.items() if ".seg_layers." in k}
@@ -292,7 +304,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
     def medseqft_checkpoint_section(self) -> dict:
         section = {"role": "task_model", "stage": self.stage, "stage_a_epochs": self.stage_a_epochs,
                    "num_epochs": self.num_epochs, "rft": self.rft.to_dict(), "mds": self.mds.to_dict(),
-                   "previous_model": self.previous,
+                   "previous_model": self.previous, "fft_model": self.fft_provenance,
                    "foundation": self.plans_manager.plans.get("medseqft", {}).get("foundation"),
                    "buffer": getattr(self, "buffer_record", None)}
         if self.stage == "B":  # what --c needs besides previous_model.pth and F_t: the trainable parameters
@@ -354,6 +366,11 @@ class MedSeqFTLoRATrainer(MedSeqFTTrainer):
     distill = False
 
 
+class MedSeqFTRFTTrainer(MedSeqFTTrainer):
+    """Stage B only, with a given F_t (plans' ``medseqft.fft_model``) as the knowledge teacher."""
+    run_stage_a = False
+
+
 class MedSeqFTTrainer_randomBuffer(MedSeqFTTrainer):
     """MDS ablation: a seeded random buffer of the same size."""
     rft_overrides = {"buffer": "random"}
@@ -372,6 +389,7 @@ MedSeqFTLoRATrainer_100epochs = _variant("MedSeqFTLoRATrainer_100epochs", MedSeq
 # CPU tests and the demo: 4 epochs of 4 iterations (2 in stage A, 2 in stage B), rank 4 for 32-channel stages
 MedSeqFTTrainer_tiny = _variant("MedSeqFTTrainer_tiny", MedSeqFTTrainer, 4, 4, 2, stage_b_fraction=0.5, lora_rank=4)
 MedSeqFTFFTTrainer_tiny = _variant("MedSeqFTFFTTrainer_tiny", MedSeqFTFFTTrainer, 4, 4, 2)
+MedSeqFTRFTTrainer_tiny = _variant("MedSeqFTRFTTrainer_tiny", MedSeqFTRFTTrainer, 4, 4, 2, lora_rank=4)
 MedSeqFTLoRATrainer_tiny = _variant("MedSeqFTLoRATrainer_tiny", MedSeqFTLoRATrainer, 4, 4, 2, lora_rank=4)
 MedSeqFTTrainer_randomBuffer_tiny = _variant("MedSeqFTTrainer_randomBuffer_tiny", MedSeqFTTrainer_randomBuffer,
                                              4, 4, 2, stage_b_fraction=0.5, lora_rank=4)

@@ -24,6 +24,8 @@ _NAMES: dict[str, str] = {
     "MedSeqFTPretrainTrainer_50epochs": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTPretrainTrainer_5epochs": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTPretrainTrainer_tiny": "nnunetv2_medseqft.trainers.pretrain",
+    "MedSeqFTRFTTrainer": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTRFTTrainer_tiny": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTTrainer": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTTrainer_100epochs": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTTrainer_randomBuffer": "nnunetv2_medseqft.trainers.medseqft",
