@@ -268,7 +268,8 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         data = batch["data"].to(self.device, non_blocking=True)
         target = [t.to(self.device, non_blocking=True) for t in batch["target"]] \
             if isinstance(batch["target"], list) else batch["target"].to(self.device, non_blocking=True)
-        in_buffer = torch.tensor([k in set(self.buffer_keys) for k in batch["keys"]], device=self.device)
+        buffer = set(self.buffer_keys)
+        in_buffer = torch.tensor([k in buffer for k in batch["keys"]], device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), device=self.device)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
