@@ -71,7 +71,8 @@ def dataset_name(dataset_name_or_id) -> str:
     try:
         return maybe_convert_to_dataset_name(str(dataset_name_or_id))
     except (RuntimeError, ValueError) as e:
-        raise MedSeqFTError(f"Unknown dataset {dataset_name_or_id!r}: {e} Check the id and $nnUNet_preprocessed.") from e
+        raise MedSeqFTError(f"Unknown dataset {dataset_name_or_id}: {e} Check the id, $nnUNet_raw and "
+                            "$nnUNet_preprocessed.") from e
 
 
 def preprocessed_root() -> str:

@@ -3,15 +3,7 @@
 from __future__ import annotations
 
 from nnunetv2_medseqft.errors import MedSeqFTError
-
-
-def dataset_name(dataset_name_or_id) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    try:
-        return maybe_convert_to_dataset_name(dataset_name_or_id)
-    except RuntimeError as e:
-        raise MedSeqFTError(f"Unknown dataset {dataset_name_or_id}: {e}. Check the id and $nnUNet_raw.") from e
+from nnunetv2_medseqft.mds import dataset_name
 
 
 def plan_dataset(dataset_name_or_id, foundation: str, configuration: str = "3d_fullres", num_processes: int = 2,
