@@ -19,6 +19,10 @@ SUBCOMMANDS = {
     "plan": ("nnunetv2_medseqft.plan_cli", "plan + preprocess datasets with the foundation's plans (MedSeqFTPlanner)"),
     "select": ("nnunetv2_medseqft.select_cli",
                "score training cases with the foundation's SSL loss and write the MDS buffer"),
+    "run": ("nnunetv2_medseqft.run", "feed datasets through a method one task at a time (resumable), then evaluate"),
+    "report": ("nnunetv2_medseqft.report", "write report.md and plots for one or more runs"),
+    "compare": ("nnunetv2_medseqft.report", "one table across methods and seeds (mean +- sd)"),
+    "demo": ("nnunetv2_medseqft.demo", "tiny end-to-end demo: data, foundation, medseqft vs seqfft, report"),
 }
 
 
@@ -36,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # the subcommand's own arguments (a resumable command is printed from them)
     try:
         result = args.func(args)
     except MedSeqFTError as e:

@@ -57,6 +57,7 @@ import torch
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.foundation import Foundation, architecture_mismatches, load_foundation
 from nnunetv2_medseqft.mds_settings import MDSSettings
+from nnunetv2_medseqft.jsonio import write_json_atomic
 from nnunetv2_medseqft.ssl import random_patch, ssl_losses
 
 FORMAT = "medseqft-mds-buffer/1"
@@ -102,26 +103,20 @@ def buffer_file_path(dataset_name_or_id, fold, plans_name: str = "MedSeqFTPlans"
                         f"mds_buffer__{plans_name}__{configuration}__fold{parse_fold(fold)}.json")
 
 
-def _write_json_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def training_cases(dataset_folder: str, data_folder: str, fold: int | str, log: Callable = print) -> list[str]:
     """The fold's training case ids, exactly as nnUNetTrainer.do_split chooses them (splits_final.json)."""
+    return fold_split(dataset_folder, data_folder, fold, log)[0]
+
+
+def fold_split(dataset_folder: str, data_folder: str, fold: int | str,
+               log: Callable = print) -> tuple[list[str], list[str]]:
+    """(training, validation) case ids of a fold, exactly as nnUNetTrainer.do_split chooses them."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     all_keys = sorted(infer_dataset_class(data_folder).get_identifiers(data_folder))
     if fold == "all":
-        return all_keys
+        return all_keys, all_keys
     splits_file = os.path.join(dataset_folder, "splits_final.json")
     if os.path.isfile(splits_file):
         with open(splits_file) as f:
@@ -133,19 +128,21 @@ def training_cases(dataset_folder: str, data_folder: str, fold: int | str, log: 
             raise MedSeqFTError(f"Cannot make nnU-Net's 5-fold split of {len(all_keys)} cases ({e}). "
                                 "Use fold 'all' or write your own splits_final.json.") from e
         splits = [{k: [str(c) for c in v] for k, v in s.items()} for s in splits]
-        _write_json_atomic(splits, splits_file)  # the same file nnUNetTrainer would write at first training
+        write_json_atomic(splits, splits_file)  # the same file nnUNetTrainer would write at first training
         log(f"MDS: created nnU-Net's 5-fold split {splits_file}")
     if fold < len(splits):
         keys = [str(k) for k in splits[fold]["train"]]
+        val = [str(k) for k in splits[fold]["val"]]
     else:  # nnU-Net's seeded 80:20 split for folds beyond the split file
         rnd = np.random.RandomState(seed=SPLIT_SEED + fold)
         idx_tr = rnd.choice(len(all_keys), int(len(all_keys) * 0.8), replace=False)
         keys = [all_keys[i] for i in idx_tr]
-    missing = sorted(set(keys) - set(all_keys))
+        val = [k for i, k in enumerate(all_keys) if i not in set(idx_tr)]
+    missing = sorted((set(keys) | set(val)) - set(all_keys))
     if missing:
-        raise MedSeqFTError(f"splits_final.json names training cases without preprocessed data in {data_folder}: "
+        raise MedSeqFTError(f"splits_final.json names cases without preprocessed data in {data_folder}: "
                             f"{missing[:5]}. Re-run medseqft plan, or fix/delete {splits_file}.")
-    return sorted(keys)
+    return sorted(keys), sorted(val)
 
 
 @dataclass
@@ -433,7 +430,7 @@ def select_buffer(dataset_name_or_id, fold, plans_name: str = "MedSeqFTPlans", c
     log(f"MDS: scoring {len(inputs.cases)} training cases of {inputs.dataset_name} fold {inputs.fold} "
         f"({mode}) for a buffer of K={inputs.k}")
     record = score(inputs, device, progress)
-    _write_json_atomic(record, path)
+    write_json_atomic(record, path)
     if progress:
         log(summary_table(record, case_sites(inputs.dataset_name)))
     log(f"MDS: buffer {record['buffer']}: {record['draws']} draws in {record['forward_passes']} forward passes, "

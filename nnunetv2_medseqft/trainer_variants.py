@@ -23,3 +23,31 @@ def budget_variant(name: str, base: type, module: str, epochs: int, iterations: 
             self.save_every = save_every
 
     return type(name, (base,), {"__init__": __init__, "__module__": module, **class_attrs})
+
+
+BUDGET_KEYS = {"num_epochs": "num_epochs", "iterations": "num_iterations_per_epoch",
+               "val_iterations": "num_val_iterations_per_epoch", "save_every": "save_every"}
+
+
+def apply_budget(trainer, budget: dict) -> None:
+    """The plans' ``medseqft.budget`` (written by ``medseqft run``): epochs and iterations without a new class name."""
+    from nnunetv2_medseqft.errors import MedSeqFTError
+
+    unknown = sorted(set(budget) - set(BUDGET_KEYS))
+    if unknown:
+        raise MedSeqFTError(f"Unknown keys {unknown} in the plans' medseqft.budget; known: {sorted(BUDGET_KEYS)}.")
+    for key, value in budget.items():
+        if value is not None:
+            if int(value) < 1:
+                raise MedSeqFTError(f"medseqft.budget.{key} must be >= 1, got {value}.")
+            setattr(trainer, BUDGET_KEYS[key], int(value))
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

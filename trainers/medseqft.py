@@ -13,6 +13,7 @@ any of them; stage-B checkpoints also carry the trainable student state for ``--
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from nnunetv2_medseqft.plans_checks import require_3d_configuration
 from nnunetv2_medseqft.previous_model import check_previous_model, previous_model_path, state_fingerprint
 from nnunetv2_medseqft.rft_settings import RFTSettings
 from nnunetv2_medseqft.train_steps import backward_and_step
-from nnunetv2_medseqft.trainer_variants import budget_variant
+from nnunetv2_medseqft.trainer_variants import apply_budget, budget_variant, seed_everything
 
 PREVIOUS_MODEL_FILE = "previous_model.pth"  # M_{t-1} as loaded (fresh head): teacher + LoRA base, also on --c
 FFT_CHECKPOINT_FILE = "checkpoint_fft.pth"  # F_t
@@ -59,6 +60,9 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         section = plans.get("medseqft", {})
         self.rft = RFTSettings.from_dict({**section.get("rft", {}), **self.rft_overrides})
         self.mds = MDSSettings.from_dict(section.get("mds", {}))
+        apply_budget(self, section.get("budget") or {})
+        if section.get("seed") is not None:  # head init and the main process' sampling; DA workers draw their own
+            seed_everything(int(section["seed"]))
         self.stage = "A" if self.run_stage_a else "B"
         self.previous = None  # provenance of M_{t-1}
         self.buffer_keys: list[str] = []
@@ -344,6 +348,14 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # medseqft run scores every model itself (evaluate.py); it turns nnU-Net's duplicate pass off unless asked
+        if self.plans_manager.plans.get("medseqft", {}).get("final_validation") is False and "--val" not in sys.argv:
+            self.print_to_log_file("Final validation skipped (plans: medseqft.final_validation = false); "
+                                   "run it with nnUNetv2_train ... --val if needed.")
+            return
+        super().perform_actual_validation(save_probabilities)
 
     def on_train_end(self):
         if self.stage == "B":

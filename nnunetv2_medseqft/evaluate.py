@@ -1,0 +1,178 @@
+"""Scores of task models on their fold's validation cases: Dice and HD95 per label, the R matrix.
+
+Predictions run in-process with nnU-Net's own predictor on the preprocessed validation cases and are
+resampled to the original geometry with nnU-Net's export code, then compared with the dataset's
+``gt_segmentations`` (what ``nnUNetv2_train``'s final validation does). HD95 is MONAI's
+``compute_hausdorff_distance`` (percentile 95, voxel spacing in mm). Conventions for empty masks:
+both empty -> Dice 100, HD95 0; one empty -> Dice 0, HD95 = the image diagonal in mm (a finite
+penalty, so means stay defined). Dice is reported in points (0-100). Test-time mirroring is off by
+default (8x cheaper in 3D; nnU-Net's own ``validation/summary.json`` keeps it).
+
+The R matrix (METHOD.md): R[i][j] is the Dice on task j of the body after step i with task j's own
+segmentation head (row 0: the foundation's body). ACC = mean of the last row; BWT = mean over j < T of
+R[T][j] - R[j][j]; FWT = mean over j >= 2 of R[j-1][j] - R[0][j] (the body before task j against the
+foundation's body, both with task j's head, which was trained on a later body: indicative only; the
+unseen-task transfer is the direct measure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nnunetv2_medseqft.errors import MedSeqFTError
+
+HEAD_KEY = ".seg_layers."
+
+
+# ---------------------------------------------------------------- metrics
+
+def dice_and_hd95(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[float, float]:
+    """Dice (points) and HD95 (mm) of two boolean masks."""
+    from monai.metrics import compute_hausdorff_distance
+
+    p, g = pred.sum(), gt.sum()
+    if p == 0 and g == 0:
+        return 100.0, 0.0
+    if p == 0 or g == 0:
+        diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(gt.shape, spacing))))
+        return 0.0, diagonal
+    dice = 200.0 * float(np.logical_and(pred, gt).sum()) / float(p + g)
+    with warnings.catch_warnings():  # MONAI deprecation notices about its own internals
+        warnings.simplefilter("ignore", FutureWarning)
+        hd = compute_hausdorff_distance(torch.from_numpy(pred)[None, None], torch.from_numpy(gt)[None, None],
+                                        include_background=True, percentile=95, spacing=[float(s) for s in spacing])
+    return dice, float(hd.item())
+
+
+def summarise(per_case: list[dict[str, tuple[float, float]]]) -> dict:
+    """Mean over cases per label, and the mean over labels."""
+    labels = list(per_case[0]) if per_case else []
+    out = {name: {"dice": float(np.mean([c[name][0] for c in per_case])),
+                  "hd95": float(np.mean([c[name][1] for c in per_case]))} for name in labels}
+    mean = {m: float(np.mean([v[m] for v in out.values()])) for m in ("dice", "hd95")} if out else {}
+    return {"mean": mean, "labels": out, "cases": len(per_case)}
+
+
+def continual_metrics(r: list[list[float | None]]) -> dict:
+    """ACC, BWT, FWT of an R matrix whose row 0 is the foundation and row i the body after task i."""
+    t = len(r) - 1
+    if t < 1 or any(v is None for row in r for v in row):
+        return {"acc": None, "bwt": None, "fwt": None}
+    acc = float(np.mean(r[t]))
+    bwt = float(np.mean([r[t][j] - r[j + 1][j] for j in range(t - 1)])) if t > 1 else None
+    fwt = float(np.mean([r[j][j] - r[0][j] for j in range(1, t)])) if t > 1 else None
+    return {"acc": acc, "bwt": bwt, "fwt": fwt}
+
+
+def with_head(body: dict, head: dict) -> dict:
+    """Weights of ``body`` with the segmentation head (all ``seg_layers``) of ``head``."""
+    return {**{k: v for k, v in body.items() if HEAD_KEY not in k}, **{k: v for k, v in head.items() if HEAD_KEY in k}}
+
+
+# ---------------------------------------------------------------- one task's validation data
+
+@dataclass
+class ValidationSet:
+    """One dataset's fold validation cases, loaded once, plus the network that predicts them."""
+
+    dataset_name: str
+    labels: dict[str, int]  # label name -> value (background excluded)
+    cases: list[tuple[str, np.ndarray, dict, np.ndarray]]  # (id, preprocessed data, properties, ground truth)
+    predictor: object
+
+    @classmethod
+    def load(cls, dataset_name: str, plans_name: str, configuration: str, fold, device: str = "cpu",
+             mirror: bool = False, model_dataset_json: dict | None = None) -> "ValidationSet":
+        """``model_dataset_json``: the labels the model predicts, when they are not this dataset's (multitask)."""
+        from batchgenerators.utilities.file_and_folder_operations import load_json
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        from nnunetv2_medseqft.mds import fold_split, preprocessed_root
+
+        folder = os.path.join(preprocessed_root(), dataset_name)
+        plans_file = os.path.join(folder, f"{plans_name}.json")
+        if not os.path.isfile(plans_file):
+            raise MedSeqFTError(f"No plans {plans_file}: plan {dataset_name} first (medseqft plan).")
+        plans_manager = PlansManager(plans_file)
+        dataset_json = load_json(os.path.join(folder, "dataset.json"))
+        cfg = plans_manager.get_configuration(configuration)
+        model_json = model_dataset_json or dataset_json
+        label_manager = plans_manager.get_label_manager(model_json)
+        labels = {}
+        for name, value in dataset_json["labels"].items():
+            if name == "ignore" or value == 0:
+                continue
+            if not isinstance(value, int):
+                raise MedSeqFTError(f"{dataset_name}: label '{name}' is a region {value}; region-based datasets are "
+                                    "not supported by medseqft evaluate (use integer labels).")
+            labels[name] = value
+        data_folder = os.path.join(folder, cfg.data_identifier)
+        _, val = fold_split(folder, data_folder, fold, log=lambda *a: None)
+        dataset = infer_dataset_class(data_folder)(data_folder, identifiers=val)
+        reader = plans_manager.image_reader_writer_class()
+        cases = []
+        for key in val:
+            data, _, _, properties = dataset.load_case(key)
+            gt, _ = reader.read_seg(os.path.join(folder, "gt_segmentations", key + dataset_json["file_ending"]))
+            cases.append((key, np.asarray(data), properties, np.asarray(gt[0])))
+        network = nnUNetTrainer.build_network_architecture(plans_manager, cfg, len(dataset_json["channel_names"]),
+                                                           label_manager.num_segmentation_heads,
+                                                           enable_deep_supervision=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # its CPU notice is noise here
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror,
+                                        perform_everything_on_device=device != "cpu", device=torch.device(device),
+                                        verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        mirror_axes = tuple(range(len(cfg.patch_size))) if mirror else None
+        predictor.manual_initialization(network.to(device), plans_manager, cfg, None, model_json, "nnUNetTrainer",
+                                        mirror_axes)
+        return cls(dataset_name, labels, cases, predictor)
+
+    def score(self, state_dict: dict, label_map: dict[int, int] | None = None) -> dict:
+        """Scores of one set of weights; ``label_map`` maps predicted values to this dataset's (multitask)."""
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+        p = self.predictor
+        p.list_of_parameters = [state_dict]
+        per_case = []
+        for _, data, properties, gt in self.cases:
+            logits = p.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+            seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+                logits, p.plans_manager, p.configuration_manager, p.label_manager, properties)
+            seg = np.asarray(seg)
+            if label_map is not None:
+                seg = np.vectorize(lambda v: label_map.get(int(v), 0), otypes=[gt.dtype])(seg)
+            spacing = properties["spacing"]
+            per_case.append({name: dice_and_hd95(seg == value, gt == value, spacing)
+                             for name, value in self.labels.items()})
+        return summarise(per_case)
+
+
+def load_weights(path: str) -> dict:
+    from nnunetv2_medseqft.checkpointing import load_checkpoint_file
+
+    return load_checkpoint_file(path, what="model")["network_weights"]
+
+
+def training_curves(checkpoint_path: str) -> dict:
+    """Per-epoch curves nnU-Net logged in a checkpoint, and where stage B began (MedSeqFT trainers)."""
+    from nnunetv2_medseqft.checkpointing import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(checkpoint_path, what="model")
+    log = ckpt.get("logging", {})
+    section = ckpt.get("medseqft", {})
+    stage_a, epochs = section.get("stage_a_epochs"), section.get("num_epochs")
+    stage_b = stage_a if stage_a is not None and epochs is not None and stage_a < epochs else None
+    return {"train_losses": [float(v) for v in log.get("train_losses", [])],
+            "val_losses": [float(v) for v in log.get("val_losses", [])],
+            "ema_fg_dice": [float(v) for v in log.get("ema_fg_dice", [])],
+            "stage_b_start": stage_b}

@@ -1,0 +1,208 @@
+"""``medseqft run``: bad inputs, the manifest's guarantees, and real 2-task sequences (kill + resume)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from nnunet_helpers import BIN, run
+
+from nnunetv2_medseqft.errors import MedSeqFTError
+
+TASKS = ["501", "502"]
+TINY = ["--epochs", "4", "--iterations", "3", "--val-iterations", "1", "--rft", "stage_b_fraction=0.5", "lora_rank=4",
+        "--mds", "repeats=8"]
+
+
+def run_cmd(foundation, name, method, *extra):
+    return ["medseqft", "run", "--foundation", str(foundation), "--datasets", *TASKS, "--method", method,
+            "--name", name, *TINY, *extra]
+
+
+def folder_hashes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def manifest(folders, name) -> dict:
+    path = folders.results / "medseqft_runs" / name / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ---------------------------------------------------------------- bad inputs (no training)
+
+@pytest.mark.parametrize("datasets, unseen, message", [
+    (["987"], [], "not in $nnUNet_raw"),
+    (["501", "502"], ["502"], "overlaps"),
+    (["Dataset990_Broken"], [], "not an nnU-Net raw dataset"),
+    (["Dataset991_TwoChannels"], [], "input channel"),
+])
+def test_bad_inputs_are_refused_before_anything_is_written(nnunet, tiny_foundation, datasets, unseen, message):
+    broken = nnunet.raw / "Dataset990_Broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "dataset.json").write_text("{}")
+    two = nnunet.raw / "Dataset991_TwoChannels"
+    for sub in ("imagesTr", "labelsTr"):
+        (two / sub).mkdir(parents=True, exist_ok=True)
+    (two / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT", "1": "CT"}, "labels": {
+        "background": 0, "x": 1}, "numTraining": 0, "file_ending": ".nii.gz"}))
+    cmd = ["medseqft", "run", "--foundation", str(tiny_foundation), "--datasets", *datasets, "--name", "bad"]
+    if unseen:
+        cmd += ["--unseen", *unseen]
+    proc = run(cmd, nnunet, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert not (nnunet.results / "medseqft_runs" / "bad").exists()
+
+
+def test_bad_run_name_and_method(nnunet, tiny_foundation):
+    proc = run(["medseqft", "run", "--foundation", str(tiny_foundation), "--datasets", "501", "--name", "a__b"],
+               nnunet, check=False)
+    assert proc.returncode == 2 and "Bad run name" in proc.stderr
+
+
+# ---------------------------------------------------------------- manifest guarantees (no training)
+
+def test_manifest_refuses_other_settings_newer_format_and_survives_a_full_disk(tmp_path, monkeypatch):
+    from nnunetv2_medseqft import jsonio
+    from nnunetv2_medseqft.manifest import Manifest
+
+    folder = str(tmp_path / "run")
+    m = Manifest.open(folder, "r1", {"method": "medseqft", "seed": 0}, "medseqft run ...")
+    m.start("plan/x", {"kind": "plan"})
+    saved = Path(m.path).read_text()
+
+    with pytest.raises(MedSeqFTError, match=r"other settings:\n  seed: stored 0, now 1"):
+        Manifest.open(folder, "r1", {"method": "medseqft", "seed": 1}, "medseqft run ...")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jsonio.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        m.finish("plan/x", time.time(), {})
+    monkeypatch.undo()
+    assert Path(m.path).read_text() == saved  # the previous manifest survives, no temporary file is left
+    assert os.listdir(folder) == ["manifest.json"]
+
+    data = json.loads(saved)
+    data["version"] = 99
+    Path(m.path).write_text(json.dumps(data))
+    with pytest.raises(MedSeqFTError, match="newer than this nnunetv2-medseqft"):
+        Manifest.open(folder, "r1", {"method": "medseqft", "seed": 0}, "")
+
+
+def test_lock_keeps_a_second_process_off_the_run(tmp_path):
+    from nnunetv2_medseqft.manifest import RunLock
+
+    holder = subprocess.Popen([str(BIN / "python"), "-c", "import sys, time; from nnunetv2_medseqft.manifest import "
+                               "RunLock; l = RunLock(sys.argv[1]).__enter__(); print('locked', flush=True); "
+                               "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(MedSeqFTError, match=f"in use by pid {holder.pid}"):
+            RunLock(str(tmp_path)).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(str(tmp_path)):  # released by the kernel when the holder died
+        pass
+
+
+# ---------------------------------------------------------------- real sequences
+
+@pytest.fixture(scope="module")
+def medseqft_run(nnunet, tiny_foundation):
+    """A 2-task MedSeqFT run killed (SIGKILL, whole process group) after task 1, then resumed."""
+    name = "t-medseqft"
+    env = nnunet.env()
+    cmd = run_cmd(tiny_foundation, name, "medseqft")
+    proc = subprocess.Popen([str(BIN / cmd[0])] + cmd[1:], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    first = "Dataset501_MSFTLiver"
+    deadline = time.time() + 1200
+    while time.time() < deadline and proc.poll() is None:
+        if manifest(nnunet, name).get("steps", {}).get(f"evaluate/{first}", {}).get("status") == "done":
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps = manifest(nnunet, name)["steps"]
+    model_folder = Path(steps[f"train/{first}"]["outputs"]["model"]["path"]).parent
+    before = folder_hashes(model_folder)
+    resumed = run(cmd, nnunet)
+    return name, model_folder, before, resumed
+
+
+def test_medseqft_run_resumes_after_sigkill_without_touching_finished_work(nnunet, medseqft_run):
+    name, model_folder, before, resumed = medseqft_run
+    assert folder_hashes(model_folder) == before
+    assert {"checkpoint_final.pth", "checkpoint_fft.pth", "previous_model.pth"} <= set(before)
+    steps = manifest(nnunet, name)["steps"]
+    assert all(s["status"] == "done" for s in steps.values())
+    assert steps["train/Dataset501_MSFTLiver"]["attempts"] == 1  # never redone
+    assert "step 1/" not in resumed.stdout  # finished steps are skipped silently
+    assert "train/Dataset502_MSFTSpleen" in resumed.stdout
+
+
+def test_medseqft_run_results_are_in_range(nnunet, medseqft_run):
+    name = medseqft_run[0]
+    results = json.loads((nnunet.results / "medseqft_runs" / name / "results.json").read_text())
+    assert results["tasks"] == ["Dataset501_MSFTLiver", "Dataset502_MSFTSpleen"]
+    for d in results["tasks"]:
+        for model in ("M", "F"):
+            s = results["scores"][d][model]
+            assert 0 <= s["mean"]["dice"] <= 100 and s["mean"]["hd95"] >= 0 and s["cases"] == 2
+    r = results["R"]
+    assert len(r["dice"]) == 3 and all(len(row) == 2 for row in r["dice"])
+    assert all(0 <= v <= 100 for row in r["dice"] for v in row)
+    # the diagonal is each task model on its own task: the same weights as scores[...]["M"]
+    assert r["dice"][1][0] == pytest.approx(results["scores"]["Dataset501_MSFTLiver"]["M"]["mean"]["dice"])
+    assert r["dice"][2][1] == pytest.approx(results["scores"]["Dataset502_MSFTSpleen"]["M"]["mean"]["dice"])
+    summary = results["summary"]
+    assert summary["acc"] == pytest.approx(sum(r["dice"][2]) / 2)
+    assert summary["bwt"] == pytest.approx(r["dice"][2][0] - r["dice"][1][0])
+    assert summary["fwt"] == pytest.approx(r["dice"][1][1] - r["dice"][0][1])
+    curves = results["curves"]["Dataset502_MSFTSpleen"]
+    assert len(curves["train_losses"]) == 4 and curves["stage_b_start"] == 2
+
+
+def test_changed_settings_are_refused_for_an_existing_run(nnunet, tiny_foundation, medseqft_run):
+    name = medseqft_run[0]
+    before = (nnunet.results / "medseqft_runs" / name / "manifest.json").read_bytes()
+    proc = run(run_cmd(tiny_foundation, name, "medseqft", "--seed", "3"), nnunet, check=False)
+    assert proc.returncode == 2 and "exists with other settings" in proc.stderr and "seed" in proc.stderr
+    assert (nnunet.results / "medseqft_runs" / name / "manifest.json").read_bytes() == before
+
+
+def test_seqfft_run_with_unseen_task_then_report_and_compare(nnunet, tiny_foundation, medseqft_run):
+    cmd = run_cmd(tiny_foundation, "t-seqfft", "seqfft", "--unseen", "505")
+    run(cmd, nnunet)
+    runs = nnunet.results / "medseqft_runs"
+    results = json.loads((runs / "t-seqfft" / "results.json").read_text())
+    assert "F" not in results["scores"]["Dataset501_MSFTLiver"]
+    unseen = results["unseen_scores"]["Dataset505_MSFTLiverLesion"]
+    assert 0 <= unseen["from_run"]["mean"]["dice"] <= 100 and 0 <= unseen["from_m0"]["mean"]["dice"] <= 100
+    # the unseen task trained from the final body and from M0 into separate nnU-Net results folders
+    models = {Path(p).parent.parent.name for p in (
+        manifest(nnunet, "t-seqfft")["steps"]["unseen/Dataset505_MSFTLiverLesion/from-run"]["outputs"]["model"]["path"],
+        manifest(nnunet, "t-seqfft")["steps"]["unseen/Dataset505_MSFTLiverLesion/from-M0"]["outputs"]["model"]["path"])}
+    assert models == {"MedSeqFTFFTTrainer__MedSeqFTPlans_t-seqfft__3d_fullres",
+                      "MedSeqFTFFTTrainer__MedSeqFTPlans_t-seqfft.fromM0__3d_fullres"}
+
+    out = nnunet.root / "report"
+    run(["medseqft", "report", "t-medseqft", "t-seqfft", "--out", str(out)], nnunet)
+    text = (out / "report.md").read_text()
+    assert "seqfft" in text and "medseqft" in text
+    assert (out / "dice_per_task.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "unseen_transfer.png").is_file()
+    table = run(["medseqft", "compare", "t-medseqft", "t-seqfft"], nnunet).stdout
+    assert "| medseqft" in table and "| seqfft" in table
