@@ -271,7 +271,8 @@ def landscape(networks: dict[str, torch.nn.Module], evaluator: Evaluator, grid: 
         rise = float(np.mean(ring)) - centre_loss
         results[label] = {"centre": {"loss": centre_loss, "dice": centre_dice}, "loss": loss, "dice": dice,
                           "sharpness": {"radius": RADIUS, "loss_at_radius": float(np.mean(ring)),
-                                        "loss_rise": rise, "relative_rise": rise / centre_loss if centre_loss else None}}
+                                        "loss_rise": rise,
+                                        "relative_rise": rise / centre_loss if centre_loss else None}}
         log(f"  {label}: centre loss {centre_loss:.4f}, Dice {centre_dice:.1f}; loss rise at r={RADIUS}: {rise:+.4f}")
     return {"alphas": alphas, "betas": alphas if two_d else None, "two_d": two_d, "seed": seed, "models": results}
 
@@ -288,7 +289,7 @@ def plot_landscape(result: dict, path: str, title: str) -> str:
             axes[0].plot(alphas, r["loss"], marker="o", ms=3, label=label)
             axes[1].plot(alphas, r["dice"], marker="o", ms=3, label=label)
         axes[0].set_ylabel("loss (Dice + CE)")
-        axes[1].set_ylabel("Dice")
+        axes[1].set_ylabel("Dice (points)")
         for ax in axes:
             ax.set_xlabel("alpha (filter-normalised direction)")
             ax.axvline(0, color="grey", lw=0.5)
@@ -327,7 +328,8 @@ def _task_name(manifest: dict, task: str) -> str:
     text = str(task)
     hits = [d for d in datasets if d == text or (text.isdigit() and d.startswith(f"Dataset{int(text):03d}_"))]
     if len(hits) != 1:
-        raise MedSeqFTError(f"Task {task} is not a task of run '{manifest.get('name')}' (tasks: {', '.join(datasets)}).")
+        raise MedSeqFTError(f"Task {task} is not a task of run '{manifest.get('name')}' "
+                            f"(tasks: {', '.join(datasets)}).")
     return hits[0]
 
 

@@ -501,6 +501,7 @@ def rebuild(pack: str, foundation: str):
                                              entry["fft"]["aliases"], entry["fft"]["weight_keys"]), **fmeta}
             for k in entry["fft"].get("dropped", []):
                 fft[k] = None
+            fft = _restore_key_order(fft, fmeta)
         yield entry["dataset"], ckpt, fft
 
 

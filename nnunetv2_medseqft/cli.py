@@ -20,8 +20,11 @@ SUBCOMMANDS = {
     "select": ("nnunetv2_medseqft.select_cli",
                "score training cases with the foundation's SSL loss and write the MDS buffer"),
     "run": ("nnunetv2_medseqft.run", "feed datasets through a method one task at a time (resumable), then evaluate"),
+    "evaluate": ("nnunetv2_medseqft.run", "re-score every finished model of a run (Dice, HD95, R matrix)"),
     "report": ("nnunetv2_medseqft.report", "write report.md and plots for one or more runs"),
     "compare": ("nnunetv2_medseqft.report", "one table across methods and seeds (mean +- sd)"),
+    "chain": ("nnunetv2_medseqft.chain", "pack a run's task models as LoRA deltas on the foundation, or unpack them"),
+    "analyze": ("nnunetv2_medseqft.analysis", "loss landscapes and parameter variation of a run's task models"),
     "demo": ("nnunetv2_medseqft.demo", "tiny end-to-end demo: data, foundation, medseqft vs seqfft, report"),
 }
 

@@ -31,7 +31,7 @@ def demo_env(out: str) -> dict:
     env.update(nnUNet_raw=os.path.join(out, "nnUNet_raw"), nnUNet_preprocessed=os.path.join(out, "nnUNet_preprocessed"),
                nnUNet_results=os.path.join(out, "nnUNet_results"), nnUNet_compile="f")
     env.setdefault("nnUNet_def_n_proc", "2")
-    env.setdefault("nnUNet_n_proc_DA", "2")
+    env.setdefault("nnUNet_n_proc_DA", "0")  # tiny patches: augmenting in the main process beats starting workers
     return env
 
 

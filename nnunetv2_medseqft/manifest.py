@@ -109,7 +109,7 @@ class Manifest:
     def check_done_outputs(self, key: str) -> None:
         """A done step's files must still be there, unchanged in size: never silently redo finished work."""
         for label, rec in (self.step(key).get("outputs") or {}).items():
-            if isinstance(rec, dict) and "path" in rec and (
+            if isinstance(rec, dict) and "bytes" in rec and (  # files that later steps append to carry no size
                     not os.path.isfile(rec["path"]) or os.path.getsize(rec["path"]) != rec["bytes"]):
                 raise MedSeqFTError(f"Step '{key}' is done but its output {label} ({rec['path']}) is missing or "
                                     "changed. Restore it, or start a new run with another --name.")

@@ -485,6 +485,38 @@ def run_sequence(request: RunRequest, log=print) -> str:
     return folder
 
 
+def evaluate_run(name_or_path: str, log=print) -> str:
+    """Re-score every finished model of a run (its own settings) into results.json; trains nothing."""
+    from nnunetv2_medseqft.run_layout import resolve_run
+
+    folder = resolve_run(name_or_path)
+    with RunLock(folder):
+        data = read_json(os.path.join(folder, "manifest.json"))
+        st = data["settings"]
+        request = RunRequest(name=data["name"], method=st["method"], foundation=data["foundation"]["path"],
+                             datasets=st["datasets"], unseen=st["unseen"], fold=st["fold"], seed=st["seed"],
+                             configuration=st["configuration"], budget=st["budget"], rft=st["rft"], mds=st["mds"],
+                             mirror=st["evaluation_mirroring"], nnunet_validation=st["nnunet_final_validation"],
+                             command=data.get("command", ""))
+        foundation = validate(request)
+        manifest = Manifest.open(folder, request.name, request.settings(foundation.sha256), request.command)
+        runner = Runner(request, foundation, manifest, log=log)
+        trained = True  # an evaluation step needs every training before it
+        for key, func in runner.steps:
+            if key.startswith("evaluate/") or key.endswith("/evaluate"):
+                if trained:
+                    log(f"[{request.name}] scoring: {key}")
+                    func()
+            elif key.startswith(("train/", "unseen/")):
+                trained = trained and manifest.is_done(key)
+    return folder
+
+
+def _evaluate_cmd(args) -> int:
+    evaluate_run(args.run)
+    return 0
+
+
 def _key_value(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise MedSeqFTError(f"Bad setting {text!r}: use KEY=VALUE, e.g. lambda_g=0.5.")
@@ -514,6 +546,10 @@ def run(args) -> int:
 
 
 def configure_parser(parser, name: str) -> None:
+    if name == "evaluate":
+        parser.add_argument("run", metavar="RUN", help="run name (under $nnUNet_results/medseqft_runs) or folder")
+        parser.set_defaults(func=_evaluate_cmd)
+        return
     parser.add_argument("--foundation", required=True, help="foundation checkpoint_final.pth (MedSeqFTPretrainTrainer)")
     parser.add_argument("--datasets", nargs="+", required=True, help="dataset ids or names, in task order")
     parser.add_argument("--unseen", nargs="*", default=[], help="unseen datasets for the transfer test")

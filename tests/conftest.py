@@ -5,7 +5,11 @@ Planning and pre-training are real nnU-Net runs (minutes on 2 CPU cores), so the
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from nnunet_helpers import NnunetFolders, run  # noqa: E402
+from nnunet_helpers import BIN, NnunetFolders, folder_hashes, manifest, run, run_cmd  # noqa: E402
 
 POOL_ID = 500
 FIRST_TASK_ID = 501
@@ -64,3 +68,27 @@ def planned_task(nnunet, tiny_foundation) -> PlannedTask:
     run(["medseqft", "plan", "-d", str(FIRST_TASK_ID), "--foundation", str(tiny_foundation)], nnunet)
     name = next(nnunet.raw.glob(f"Dataset{FIRST_TASK_ID}_*")).name
     return PlannedTask(nnunet, FIRST_TASK_ID, name, "MedSeqFTPlans")
+
+
+@pytest.fixture(scope="session")
+def medseqft_run(nnunet, tiny_foundation):
+    """A 2-task MedSeqFT run killed (SIGKILL, whole process group) after task 1, then resumed."""
+    name = "t-medseqft"
+    env = nnunet.env()
+    cmd = run_cmd(tiny_foundation, name, "medseqft")
+    proc = subprocess.Popen([str(BIN / cmd[0])] + cmd[1:], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    first = "Dataset501_MSFTLiver"
+    deadline = time.time() + 1200
+    while time.time() < deadline and proc.poll() is None:
+        if manifest(nnunet, name).get("steps", {}).get(f"evaluate/{first}", {}).get("status") == "done":
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps = manifest(nnunet, name)["steps"]
+    model_folder = Path(steps[f"train/{first}"]["outputs"]["model"]["path"]).parent
+    before = folder_hashes(model_folder)
+    resumed = run(cmd, nnunet)
+    return name, model_folder, before, resumed

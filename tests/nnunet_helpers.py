@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -52,3 +54,23 @@ def run(cmd: list[str], folders: NnunetFolders, check: bool = True, timeout: int
 def run_python(code: str, folders: NnunetFolders, check: bool = True) -> subprocess.CompletedProcess:
     """Python in a fresh process, so nnunetv2.paths reads these folders' environment variables."""
     return run([sys.executable, "-c", code], folders, check=check)
+
+
+TASKS = ["501", "502"]
+TINY = ["--epochs", "4", "--iterations", "3", "--val-iterations", "1", "--rft", "stage_b_fraction=0.5", "lora_rank=4",
+        "--mds", "repeats=8"]
+
+
+def run_cmd(foundation, name, method, *extra):
+    return ["medseqft", "run", "--foundation", str(foundation), "--datasets", *TASKS, "--method", method,
+            "--name", name, *TINY, *extra]
+
+
+def folder_hashes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def manifest(folders, name) -> dict:
+    path = folders.results / "medseqft_runs" / name / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,39 +1,19 @@
-"""``medseqft run``: bad inputs, the manifest's guarantees, and real 2-task sequences (kill + resume)."""
+"""``medseqft run``: bad inputs, the manifest's guarantees, and real 2-task sequences (the killed and resumed
+MedSeqFT run is the session fixture ``medseqft_run``)."""
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from nnunet_helpers import BIN, run
+from nnunet_helpers import BIN, folder_hashes, manifest, run, run_cmd
 
 from nnunetv2_medseqft.errors import MedSeqFTError
-
-TASKS = ["501", "502"]
-TINY = ["--epochs", "4", "--iterations", "3", "--val-iterations", "1", "--rft", "stage_b_fraction=0.5", "lora_rank=4",
-        "--mds", "repeats=8"]
-
-
-def run_cmd(foundation, name, method, *extra):
-    return ["medseqft", "run", "--foundation", str(foundation), "--datasets", *TASKS, "--method", method,
-            "--name", name, *TINY, *extra]
-
-
-def folder_hashes(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def manifest(folders, name) -> dict:
-    path = folders.results / "medseqft_runs" / name / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # ---------------------------------------------------------------- bad inputs (no training)
@@ -117,30 +97,6 @@ def test_lock_keeps_a_second_process_off_the_run(tmp_path):
 
 
 # ---------------------------------------------------------------- real sequences
-
-@pytest.fixture(scope="module")
-def medseqft_run(nnunet, tiny_foundation):
-    """A 2-task MedSeqFT run killed (SIGKILL, whole process group) after task 1, then resumed."""
-    name = "t-medseqft"
-    env = nnunet.env()
-    cmd = run_cmd(tiny_foundation, name, "medseqft")
-    proc = subprocess.Popen([str(BIN / cmd[0])] + cmd[1:], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    first = "Dataset501_MSFTLiver"
-    deadline = time.time() + 1200
-    while time.time() < deadline and proc.poll() is None:
-        if manifest(nnunet, name).get("steps", {}).get(f"evaluate/{first}", {}).get("status") == "done":
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.stdout.read()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    steps = manifest(nnunet, name)["steps"]
-    model_folder = Path(steps[f"train/{first}"]["outputs"]["model"]["path"]).parent
-    before = folder_hashes(model_folder)
-    resumed = run(cmd, nnunet)
-    return name, model_folder, before, resumed
-
 
 def test_medseqft_run_resumes_after_sigkill_without_touching_finished_work(nnunet, medseqft_run):
     name, model_folder, before, resumed = medseqft_run

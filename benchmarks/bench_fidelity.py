@@ -1,0 +1,135 @@
+"""Fidelity benchmark (on demand, not in CI): every method over the same tasks, budget and seeds.
+
+Builds in --workdir (reusing what exists; every ``medseqft run`` resumes where it stopped): generated
+data (``synth --preset``), the pool planned, a foundation pre-trained with --pretrain-trainer, then
+``medseqft run`` for each method and seed over --tasks sequential tasks and the unseen tasks. Prints
+the per-method table (mean ± sd over seeds) and the paired differences per seed.
+
+The LAST line printed is a JSON object:
+  medseqft_minus_parallel_dice   mean over seeds of (MedSeqFT - parallel FFT) mean task Dice, points 0-100
+  medseqft_minus_seqfft_dice     the same against sequential FFT
+  mds_minus_random_dice          MedSeqFT with the MDS buffer - with a random buffer
+  unseen_transfer_minus_m0_dice  MedSeqFT: unseen-task Dice from the final body - from M0
+  per_seed                       each difference per seed
+  methods                        per method: mean/sd of mean_dice, mean_hd95, acc, bwt, fwt, unseen_run, unseen_m0
+  budget                         what was run
+
+Full protocol (hours; GPU advised): ``python benchmarks/bench_fidelity.py --workdir W``.
+Reduced CPU run: ``python benchmarks/bench_fidelity.py --workdir W --preset tiny --seeds 0 1
+--pretrain-trainer MedSeqFTPretrainTrainer_tiny --epochs 6 --iterations 10``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_mds import BIN, POOL_ID, set_env, sh  # noqa: E402
+
+ALL_METHODS = ("medseqft", "seqfft", "parallel", "random-buffer", "lora", "multitask")
+DIFFERENCES = {"medseqft_minus_parallel_dice": ("medseqft", "parallel", "mean_dice"),
+               "medseqft_minus_seqfft_dice": ("medseqft", "seqfft", "mean_dice"),
+               "mds_minus_random_dice": ("medseqft", "random-buffer", "mean_dice")}
+
+
+def foundation(args, workdir: Path) -> Path:
+    from nnunetv2_medseqft.synth import generate
+
+    raw, pre, res = (workdir / d for d in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
+    if not any(raw.glob(f"Dataset{POOL_ID}_*")):
+        generate(raw, preset=args.preset, seed=0, first_id=POOL_ID)
+    if not any(pre.glob(f"Dataset{POOL_ID}_*/nnUNetPlans_3d_fullres")):
+        sh([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(POOL_ID), "-c", "3d_fullres", "-np", "2"])
+    pattern = f"Dataset{POOL_ID}_*/{args.pretrain_trainer}__nnUNetPlans__3d_fullres/fold_all/checkpoint_final.pth"
+    if not any(res.glob(pattern)):
+        sh([str(BIN / "nnUNetv2_train"), str(POOL_ID), "3d_fullres", "all", "-tr", args.pretrain_trainer,
+            "-device", args.device])
+    return next(res.glob(pattern))
+
+
+def run_method(args, f: Path, method: str, seed: int) -> str:
+    name = f"fidelity-{method}-s{seed}"
+    tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
+    unseen = [str(POOL_ID + 5 + i) for i in range(args.unseen)]
+    cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli", "run", "--foundation", str(f), "--datasets", *tasks,
+           "--method", method, "--name", name, "--seed", str(seed), "--fold", "0", "--device", args.device,
+           "--epochs", str(args.epochs), "--iterations", str(args.iterations), "--val-iterations", "2",
+           "--mds", f"repeats={args.mds_repeats}"]
+    if unseen:
+        cmd += ["--unseen", *unseen]
+    print(f"== {name}", flush=True)
+    started = time.time()
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed; re-run this benchmark to resume it.")
+    print(f"   {name}: {(time.time() - started) / 60:.1f} min", flush=True)
+    return name
+
+
+def differences(rows: dict) -> tuple[dict, dict]:
+    """Paired per-seed differences (a seed's runs share data, split and foundation), and their means."""
+    per_seed, means = {}, {}
+
+    def paired(a, b, metric):
+        pa, pb = rows.get(a, {}).get(metric, {}).get("per_seed", {}), rows.get(b, {}).get(metric, {}).get("per_seed", {})
+        return {s: pa[s] - pb[s] for s in pa if s in pb and pa[s] is not None and pb[s] is not None}
+
+    for key, (a, b, metric) in DIFFERENCES.items():
+        per_seed[key] = paired(a, b, metric)
+    per_seed["unseen_transfer_minus_m0_dice"] = {
+        s: v for s, v in rows.get("medseqft", {}).get("unseen_gain", {}).get("per_seed", {}).items() if v is not None}
+    for key, values in per_seed.items():
+        means[key] = round(sum(values.values()) / len(values), 2) if values else None
+    return per_seed, means
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--preset", default="bench", choices=("tiny", "bench"))
+    p.add_argument("--pretrain-trainer", default="MedSeqFTPretrainTrainer_50epochs")
+    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--tasks", type=int, default=4, help="sequential tasks (1-4)")
+    p.add_argument("--unseen", type=int, default=2, help="unseen tasks (0-2)")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--mds-repeats", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+
+    workdir = Path(args.workdir).resolve()
+    set_env(workdir)
+    from nnunetv2_medseqft.report import compare_rows, load_results, markdown_table, write_report
+    from nnunetv2_medseqft.run_layout import run_folder
+
+    started = time.time()
+    f = foundation(args, workdir)
+    names = [run_method(args, f, m, s) for s in args.seeds for m in args.methods]
+    folders = [run_folder(n) for n in names]
+    rows = compare_rows([load_results(d) for d in folders])
+    report = write_report(folders, out=str(workdir / "fidelity_report"))
+    per_seed, means = differences(rows)
+    budget = {"preset": args.preset, "pretrain_trainer": args.pretrain_trainer, "tasks": args.tasks,
+              "unseen": args.unseen, "seeds": args.seeds, "epochs": args.epochs, "iterations": args.iterations,
+              "mds_repeats": args.mds_repeats, "device": args.device, "machine": platform.processor() or
+              platform.machine(), "hours": round((time.time() - started) / 3600, 2)}
+    print()
+    print(markdown_table(rows))
+    print()
+    for key, values in per_seed.items():
+        print(f"{key}: mean {means[key]} per seed {({s: round(v, 2) for s, v in values.items()})}")
+    print(f"report: {report}")
+    methods = {m: {k: {"mean": v["mean"], "sd": v["sd"]} for k, v in metrics.items()} for m, metrics in rows.items()}
+    print(json.dumps({**means, "per_seed": per_seed, "methods": methods, "budget": budget}))
+
+
+if __name__ == "__main__":
+    main()
