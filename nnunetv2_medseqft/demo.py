@@ -16,12 +16,13 @@ from datetime import datetime
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 
-POOL_ID, FIRST_TASK, UNSEEN_ID = 500, 501, 505
+POOL_ID, FIRST_TASK, UNSEEN_ID = 500, 501, 504  # synth with 3 tasks: 501-503, unseen 504 (liver lesion), 505
 PRETRAINER = "MedSeqFTPretrainTrainer_tiny"
 METHODS = ("medseqft", "seqfft")
-# per task: 4 epochs x 4 iterations (2 + 2 epochs for MedSeqFT's two stages); MDS with 16 draws per case
-RUN_ARGS = ["--epochs", "4", "--iterations", "4", "--val-iterations", "2",
-            "--rft", "stage_b_fraction=0.5", "lora_rank=4", "--mds", "repeats=16"]
+# per task: 4 epochs x 3 iterations (2 + 2 epochs for MedSeqFT's two stages); MDS with 8 draws per case.
+# A smoke budget that shows every step within minutes: its scores say nothing about the method.
+RUN_ARGS = ["--epochs", "4", "--iterations", "3", "--val-iterations", "1",
+            "--rft", "stage_b_fraction=0.5", "lora_rank=4", "--mds", "repeats=8"]
 
 
 def demo_env(out: str) -> dict:
@@ -31,7 +32,7 @@ def demo_env(out: str) -> dict:
     env.update(nnUNet_raw=os.path.join(out, "nnUNet_raw"), nnUNet_preprocessed=os.path.join(out, "nnUNet_preprocessed"),
                nnUNet_results=os.path.join(out, "nnUNet_results"), nnUNet_compile="f")
     env.setdefault("nnUNet_def_n_proc", "2")
-    env.setdefault("nnUNet_n_proc_DA", "0")  # tiny patches: augmenting in the main process beats starting workers
+    env.setdefault("nnUNet_n_proc_DA", "2")
     return env
 
 
@@ -59,7 +60,7 @@ def run_demo(out: str, device: str = "cpu") -> str:
     print(f"medseqft demo in {out} (full log: {log_file})", flush=True)
 
     raw = env["nnUNet_raw"]
-    if not os.path.isdir(os.path.join(raw, f"Dataset{UNSEEN_ID:03d}_MSFTLiverLesion")):
+    if not os.path.isfile(os.path.join(raw, f"Dataset{UNSEEN_ID:03d}_MSFTLiverLesion", "dataset.json")):
         print("== generating the tiny benchmark (pool, 3 tasks, 1 unseen task)", flush=True)
         generate(raw, preset="tiny", seed=0, first_id=POOL_ID, num_tasks=3)
     foundation = os.path.join(env["nnUNet_results"], "Dataset500_MSFTPool",

@@ -3,9 +3,9 @@
 Predictions run in-process with nnU-Net's own predictor on the preprocessed validation cases and are
 resampled to the original geometry with nnU-Net's export code, then compared with the dataset's
 ``gt_segmentations`` (what ``nnUNetv2_train``'s final validation does). HD95 is MONAI's
-``compute_hausdorff_distance`` (percentile 95, voxel spacing in mm). Conventions for empty masks:
-both empty -> Dice 100, HD95 0; one empty -> Dice 0, HD95 = the image diagonal in mm (a finite
-penalty, so means stay defined). Dice is reported in points (0-100). Test-time mirroring is off by
+``compute_hausdorff_distance`` (percentile 95, voxel spacing in mm). Empty masks: a label absent from
+both prediction and ground truth of a case is not scored for that case (nnU-Net's convention); one
+empty -> Dice 0, HD95 = the image diagonal in mm (a finite penalty, so means stay defined). Dice is reported in points (0-100). Test-time mirroring is off by
 default (8x cheaper in 3D; nnU-Net's own ``validation/summary.json`` keeps it).
 
 The R matrix (METHOD.md): R[i][j] is the Dice on task j of the body after step i with task j's own
@@ -33,13 +33,13 @@ HEAD_KEY = ".seg_layers."
 
 # ---------------------------------------------------------------- metrics
 
-def dice_and_hd95(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[float, float]:
-    """Dice (points) and HD95 (mm) of two boolean masks."""
+def dice_and_hd95(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[float, float] | None:
+    """Dice (points) and HD95 (mm) of two boolean masks; None when both are empty (nothing to score)."""
     from monai.metrics import compute_hausdorff_distance
 
     p, g = pred.sum(), gt.sum()
     if p == 0 and g == 0:
-        return 100.0, 0.0
+        return None
     if p == 0 or g == 0:
         diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(gt.shape, spacing))))
         return 0.0, diagonal
@@ -51,12 +51,17 @@ def dice_and_hd95(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[float, flo
     return dice, float(hd.item())
 
 
-def summarise(per_case: list[dict[str, tuple[float, float]]]) -> dict:
-    """Mean over cases per label, and the mean over labels."""
+def summarise(per_case: list[dict[str, tuple[float, float] | None]]) -> dict:
+    """Mean over cases per label (cases where the label is absent from both masks are left out, as nnU-Net's
+    summary does), and the mean over the labels that were scored."""
     labels = list(per_case[0]) if per_case else []
-    out = {name: {"dice": float(np.mean([c[name][0] for c in per_case])),
-                  "hd95": float(np.mean([c[name][1] for c in per_case]))} for name in labels}
-    mean = {m: float(np.mean([v[m] for v in out.values()])) for m in ("dice", "hd95")} if out else {}
+    out = {}
+    for name in labels:
+        scored = [c[name] for c in per_case if c[name] is not None]
+        out[name] = {"dice": float(np.mean([d for d, _ in scored])) if scored else None,
+                     "hd95": float(np.mean([h for _, h in scored])) if scored else None, "cases": len(scored)}
+    mean = {m: float(np.mean([v[m] for v in out.values() if v[m] is not None]))
+            if any(v[m] is not None for v in out.values()) else None for m in ("dice", "hd95")}
     return {"mean": mean, "labels": out, "cases": len(per_case)}
 
 

@@ -9,22 +9,31 @@ from nnunetv2_medseqft.mds import dataset_name
 def plan_dataset(dataset_name_or_id, foundation: str, configuration: str = "3d_fullres", num_processes: int = 2,
                  plans_name: str | None = None, verify_dataset_integrity: bool = False, mds=None) -> str:
     """Plan + preprocess one dataset with the foundation's plans; returns the plans name."""
+    return plan_datasets([dataset_name_or_id], foundation, configuration, num_processes, plans_name,
+                         verify_dataset_integrity, mds)
+
+
+def plan_datasets(datasets: list, foundation: str, configuration: str = "3d_fullres", num_processes: int = 2,
+                  plans_name: str | None = None, verify_dataset_integrity: bool = False, mds=None) -> str:
+    """Several datasets in one fingerprinting and one preprocessing call (nnU-Net's worker pools start once)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess
 
     from nnunetv2_medseqft.planners.medseqft_planner import DEFAULT_PLANS_NAME, MedSeqFTPlanner
 
-    name = dataset_name(dataset_name_or_id)
-    dataset_id = int(name[len("Dataset"):len("Dataset") + 3])
-    extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=verify_dataset_integrity,
+    ids = [int(dataset_name(d)[len("Dataset"):len("Dataset") + 3]) for d in datasets]
+    extract_fingerprints(ids, num_processes=num_processes, check_dataset_integrity=verify_dataset_integrity,
                          clean=False, verbose=False)
-    planner = MedSeqFTPlanner(dataset_id, plans_name=plans_name or DEFAULT_PLANS_NAME, foundation=foundation, mds=mds)
-    plans = planner.plan_experiment()
-    if configuration not in plans["configurations"]:
-        raise MedSeqFTError(f"The foundation's plans have no configuration '{configuration}' "
-                            f"(available: {sorted(plans['configurations'])}).")
-    preprocess([dataset_id], planner.plans_identifier, configurations=(configuration,),
-               num_processes=(num_processes,), verbose=False)
-    return planner.plans_identifier
+    identifier = None
+    for dataset_id in ids:
+        planner = MedSeqFTPlanner(dataset_id, plans_name=plans_name or DEFAULT_PLANS_NAME, foundation=foundation,
+                                  mds=mds)
+        plans = planner.plan_experiment()
+        if configuration not in plans["configurations"]:
+            raise MedSeqFTError(f"The foundation's plans have no configuration '{configuration}' "
+                                f"(available: {sorted(plans['configurations'])}).")
+        identifier = planner.plans_identifier
+    preprocess(ids, identifier, configurations=(configuration,), num_processes=(num_processes,), verbose=False)
+    return identifier
 
 
 def run(args) -> int:

@@ -1,7 +1,7 @@
 """``medseqft run``: feed nnU-Net datasets through a method one task at a time, resumably.
 
 Steps of a run, in order (each recorded in the manifest, see ``manifest.py``):
-  plan/D        foundation-compatible plans + preprocessing of every dataset (shared by all runs of one
+  plan          foundation-compatible plans + preprocessing of every dataset (shared by all runs of one
                 foundation: plans ``MedSeqFTPlans-<foundation sha[:8]>``; skipped when already done)
   union         multitask only: one raw dataset with every task's training and validation cases
   select/D      MDS buffer (methods with MDS)
@@ -15,6 +15,7 @@ Steps of a run, in order (each recorded in the manifest, see ``manifest.py``):
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -159,6 +160,15 @@ def validate(request: RunRequest):
     return foundation
 
 
+def _pts(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 # ---------------------------------------------------------------- the runner
 
 class Runner:
@@ -174,9 +184,9 @@ class Runner:
     # ------------------------------------------------------------ step list
     def _plan_steps(self) -> list[tuple[str, callable]]:
         r, m = self.request, self.method
-        steps = [(f"plan/{d}", lambda d=d: self._plan(d)) for d in r.datasets + r.unseen]
+        steps = [("plan", lambda: self._plan(r.datasets + r.unseen))]
         if m.union:
-            steps += [("union", self._union), ("plan/union", lambda: self._plan(self._union_name())),
+            steps += [("union", self._union), ("plan/union", lambda: self._plan([self._union_name()])),
                       ("train/union", lambda: self._train(self._union_name(), self.request.foundation)),
                       ("evaluate/union", self._evaluate_union)]
         else:
@@ -239,25 +249,28 @@ class Runner:
         return self._task_model(last)
 
     # ------------------------------------------------------------ plan
-    def _plan(self, dataset: str) -> dict:
+    def _plan(self, datasets: list[str]) -> dict:
         from nnunetv2_medseqft.mds import preprocessed_root
-        from nnunetv2_medseqft.plan_cli import plan_dataset
+        from nnunetv2_medseqft.plan_cli import plan_datasets
 
-        folder = os.path.join(preprocessed_root(), dataset)
-        os.makedirs(folder, exist_ok=True)
-        plans_file = os.path.join(folder, f"{self.base_plans}.json")
-        with open(os.path.join(folder, ".medseqft_plan.lock"), "w") as lock:  # runs of other names plan too
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self._is_preprocessed(dataset, plans_file):
-                self.log(f"  {dataset}: already planned and preprocessed as {self.base_plans}")
-            else:
-                log_file = os.path.join(self.folder, LOGS_FOLDER, f"{self.step_index:02d}_plan_{dataset}.log")
-                self.log(f"  {dataset}: planning with the foundation's plans and preprocessing (log: {log_file})")
+        with contextlib.ExitStack() as locks:  # runs of other names plan the same datasets: one at a time
+            for dataset in sorted(datasets):
+                folder = os.path.join(preprocessed_root(), dataset)
+                os.makedirs(folder, exist_ok=True)
+                lock = locks.enter_context(open(os.path.join(folder, ".medseqft_plan.lock"), "w"))
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            plans_files = {d: os.path.join(preprocessed_root(), d, f"{self.base_plans}.json") for d in datasets}
+            todo = [d for d in datasets if not self._is_preprocessed(d, plans_files[d])]
+            if datasets != todo:
+                self.log(f"  already planned and preprocessed as {self.base_plans}: "
+                         f"{', '.join(d for d in datasets if d not in todo)}")
+            if todo:
+                log_file = os.path.join(self.folder, LOGS_FOLDER, f"{self.step_index:02d}_plan.log")
+                self.log(f"  planning with the foundation's plans and preprocessing {', '.join(todo)} (log: {log_file})")
                 with output_to(log_file):
-                    plan_dataset(dataset, self.request.foundation, self.request.configuration,
-                                 num_processes=int(os.environ.get("nnUNet_def_n_proc", 2)),
-                                 plans_name=self.base_plans)
-        return {"plans": file_record(plans_file)}
+                    plan_datasets(todo, self.request.foundation, self.request.configuration,
+                                  num_processes=int(os.environ.get("nnUNet_def_n_proc", 2)), plans_name=self.base_plans)
+        return {f"plans {d}": file_record(f) for d, f in plans_files.items()}
 
     def _is_preprocessed(self, dataset: str, plans_file: str) -> bool:
         from nnunetv2_medseqft.mds import preprocessed_root
@@ -385,9 +398,9 @@ class Runner:
         results = self._results()
         results["scores"][dataset] = scores
         results["curves"][dataset] = training_curves(self._task_model(dataset))
-        self.log(f"  {dataset}: Dice M_t {scores['M']['mean']['dice']:.1f}"
-                 + (f", F_t {scores['F']['mean']['dice']:.1f}" if "F" in scores else "")
-                 + f" (HD95 M_t {scores['M']['mean']['hd95']:.1f} mm)")
+        self.log(f"  {dataset}: Dice M_t {_pts(scores['M']['mean']['dice'])}"
+                 + (f", F_t {_pts(scores['F']['mean']['dice'])}" if "F" in scores else "")
+                 + f" (HD95 M_t {_pts(scores['M']['mean']['hd95'])} mm)")
         return self._save_results(results)
 
     def _evaluate_r(self) -> dict:
@@ -411,7 +424,7 @@ class Runner:
 
     def _mean_scores(self, results: dict) -> dict:
         m = [results["scores"][d]["M"]["mean"] for d in self.request.datasets if d in results["scores"]]
-        return {"mean_dice": sum(s["dice"] for s in m) / len(m), "mean_hd95": sum(s["hd95"] for s in m) / len(m)}
+        return {f"mean_{k}": _mean([s[k] for s in m]) for k in ("dice", "hd95")}
 
     def _evaluate_unseen(self, dataset: str) -> dict:
         from nnunetv2_medseqft.evaluate import load_weights
@@ -421,8 +434,8 @@ class Runner:
         from_m0 = val.score(load_weights(os.path.join(self._model_folder(dataset, True), "checkpoint_final.pth")))
         results = self._results()
         results["unseen_scores"][dataset] = {"from_run": from_run, "from_m0": from_m0}
-        self.log(f"  unseen {dataset}: Dice from the final body {from_run['mean']['dice']:.1f}, "
-                 f"from M0 {from_m0['mean']['dice']:.1f}")
+        self.log(f"  unseen {dataset}: Dice from the final body {_pts(from_run['mean']['dice'])}, "
+                 f"from M0 {_pts(from_m0['mean']['dice'])}")
         return self._save_results(results)
 
     # ------------------------------------------------------------ multitask
@@ -452,10 +465,10 @@ class Runner:
         for d in self.request.datasets:
             val = self._validation(d, plans=self.base_plans, model_dataset_json=union_json)
             results["scores"][d] = {"M": val.score(weights, label_map_for(union_json, d))}
-            self.log(f"  {d}: Dice of the multitask model {results['scores'][d]['M']['mean']['dice']:.1f}")
+            self.log(f"  {d}: Dice of the multitask model {_pts(results['scores'][d]['M']['mean']['dice'])}")
         results["curves"][union] = training_curves(self._task_model(union))
         dice = [results["scores"][d]["M"]["mean"]["dice"] for d in self.request.datasets]
-        results["summary"] = {"acc": sum(dice) / len(dice), "bwt": None, "fwt": None, **self._mean_scores(results)}
+        results["summary"] = {"acc": _mean(dice), "bwt": None, "fwt": None, **self._mean_scores(results)}
         return self._save_results(results)
 
 

@@ -151,8 +151,9 @@ def test_seqfft_run_with_unseen_task_then_report_and_compare(nnunet, tiny_founda
     models = {Path(p).parent.parent.name for p in (
         manifest(nnunet, "t-seqfft")["steps"]["unseen/Dataset505_MSFTLiverLesion/from-run"]["outputs"]["model"]["path"],
         manifest(nnunet, "t-seqfft")["steps"]["unseen/Dataset505_MSFTLiverLesion/from-M0"]["outputs"]["model"]["path"])}
-    assert models == {"MedSeqFTFFTTrainer__MedSeqFTPlans_t-seqfft__3d_fullres",
-                      "MedSeqFTFFTTrainer__MedSeqFTPlans_t-seqfft.fromM0__3d_fullres"}
+    assert "MedSeqFTFFTTrainer__MedSeqFTPlans_t-seqfft__3d_fullres" in models
+    # the M0 reference is keyed by foundation, budget, seed and fold, not by run: runs that agree share it
+    assert any(m.startswith("MedSeqFTFFTTrainer__MedSeqFTPlans-") and ".fromM0-" in m for m in models)
 
     out = nnunet.root / "report"
     run(["medseqft", "report", "t-medseqft", "t-seqfft", "--out", str(out)], nnunet)
