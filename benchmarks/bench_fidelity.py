@@ -31,27 +31,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_mds import BIN, POOL_ID, set_env, sh  # noqa: E402
+from bench_mds import POOL_ID, build_foundation, set_env  # noqa: E402
 
 ALL_METHODS = ("medseqft", "seqfft", "parallel", "random-buffer", "lora", "multitask")
 DIFFERENCES = {"medseqft_minus_parallel_dice": ("medseqft", "parallel", "mean_dice"),
                "medseqft_minus_seqfft_dice": ("medseqft", "seqfft", "mean_dice"),
                "mds_minus_random_dice": ("medseqft", "random-buffer", "mean_dice")}
-
-
-def foundation(args, workdir: Path) -> Path:
-    from nnunetv2_medseqft.synth import generate
-
-    raw, pre, res = (workdir / d for d in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
-    if not any(raw.glob(f"Dataset{POOL_ID}_*")):
-        generate(raw, preset=args.preset, seed=0, first_id=POOL_ID)
-    if not any(pre.glob(f"Dataset{POOL_ID}_*/nnUNetPlans_3d_fullres")):
-        sh([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(POOL_ID), "-c", "3d_fullres", "-np", "2"])
-    pattern = f"Dataset{POOL_ID}_*/{args.pretrain_trainer}__nnUNetPlans__3d_fullres/fold_all/checkpoint_final.pth"
-    if not any(res.glob(pattern)):
-        sh([str(BIN / "nnUNetv2_train"), str(POOL_ID), "3d_fullres", "all", "-tr", args.pretrain_trainer,
-            "-device", args.device])
-    return next(res.glob(pattern))
 
 
 def run_method(args, f: Path, method: str, seed: int) -> str:
@@ -111,7 +96,7 @@ def main() -> None:
     from nnunetv2_medseqft.run_layout import run_folder
 
     started = time.time()
-    f = foundation(args, workdir)
+    f = build_foundation(workdir, args.preset, args.pretrain_trainer, args.device)
     names = [run_method(args, f, m, s) for s in args.seeds for m in args.methods]
     folders = [run_folder(n) for n in names]
     rows = compare_rows([load_results(d) for d in folders])

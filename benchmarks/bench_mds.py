@@ -51,20 +51,25 @@ def set_env(workdir: Path) -> None:
         PYTHONUNBUFFERED="1")
 
 
-def build(args, workdir: Path) -> tuple[str, Path]:
-    """Data, planned pool, foundation, planned task (each step skipped when its output exists)."""
+def build_foundation(workdir: Path, preset: str, pretrain_trainer: str, device: str, seed: int = 0) -> Path:
+    """Generated data, planned pool and a pre-trained foundation (each step skipped when its output exists)."""
     from nnunetv2_medseqft.synth import generate
 
     raw, pre, res = (workdir / d for d in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
     if not any(raw.glob(f"Dataset{POOL_ID}_*")):
-        generate(raw, preset=args.preset, seed=args.seed, first_id=POOL_ID)
+        generate(raw, preset=preset, seed=seed, first_id=POOL_ID)
     if not any(pre.glob(f"Dataset{POOL_ID}_*/nnUNetPlans_3d_fullres")):
         sh([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(POOL_ID), "-c", "3d_fullres", "-np", "2"])
-    pattern = f"Dataset{POOL_ID}_*/{args.pretrain_trainer}__nnUNetPlans__3d_fullres/fold_all/checkpoint_final.pth"
+    pattern = f"Dataset{POOL_ID}_*/{pretrain_trainer}__nnUNetPlans__3d_fullres/fold_all/checkpoint_final.pth"
     if not any(res.glob(pattern)):
-        sh([str(BIN / "nnUNetv2_train"), str(POOL_ID), "3d_fullres", "all", "-tr", args.pretrain_trainer,
-            "-device", args.device])
-    foundation = next(res.glob(pattern))
+        sh([str(BIN / "nnUNetv2_train"), str(POOL_ID), "3d_fullres", "all", "-tr", pretrain_trainer, "-device", device])
+    return next(res.glob(pattern))
+
+
+def build(args, workdir: Path) -> tuple[str, Path]:
+    """The foundation and one planned task (each step skipped when its output exists)."""
+    foundation = build_foundation(workdir, args.preset, args.pretrain_trainer, args.device, args.seed)
+    raw, pre = workdir / "nnUNet_raw", workdir / "nnUNet_preprocessed"
     task_id = POOL_ID + args.task
     task = next(raw.glob(f"Dataset{task_id:03d}_*")).name
     plans = pre / task / f"{args.plans_name}.json"
