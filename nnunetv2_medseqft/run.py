@@ -184,6 +184,7 @@ class Runner:
     # ------------------------------------------------------------ step list
     def _plan_steps(self) -> list[tuple[str, callable]]:
         r, m = self.request, self.method
+        self.trainings = {}  # step -> (dataset, start model, from M0): what _check_model_folders inspects
         steps = [("plan", lambda: self._plan(r.datasets + r.unseen))]
         if m.union:
             steps += [("union", self._union), ("plan/union", lambda: self._plan([self._union_name()])),
@@ -193,10 +194,13 @@ class Runner:
             for i, d in enumerate(r.datasets):
                 if m.mds:
                     steps.append((f"select/{d}", lambda i=i, d=d: self._select(i, d)))
+                self.trainings[f"train/{d}"] = (d, lambda i=i: self._start_model(i), False)
                 steps.append((f"train/{d}", lambda i=i, d=d: self._train(d, self._start_model(i))))
                 steps.append((f"evaluate/{d}", lambda d=d: self._evaluate_task(d)))
             steps.append(("evaluate/R", self._evaluate_r))
         for u in r.unseen:
+            self.trainings[f"unseen/{u}/from-run"] = (u, self._final_model, False)
+            self.trainings[f"unseen/{u}/from-M0"] = (u, lambda: self.request.foundation, True)
             steps.append((f"unseen/{u}/from-run", lambda u=u: self._train(u, self._final_model())))
             steps.append((f"unseen/{u}/from-M0", lambda u=u: self._train(u, self.request.foundation, from_m0=True)))
             steps.append((f"unseen/{u}/evaluate", lambda u=u: self._evaluate_unseen(u)))
@@ -204,7 +208,11 @@ class Runner:
 
     def run(self) -> None:
         total = len(self.steps)
+        checked = False
         for self.step_index, (key, func) in enumerate(self.steps, 1):
+            if not checked and key not in ("plan", "union", "plan/union"):
+                self._check_model_folders()  # before this run writes anything of its own
+                checked = True
             if self.manifest.is_done(key):
                 self.manifest.check_done_outputs(key)
                 seconds = self.manifest.step(key).get("seconds", 0.0)
@@ -288,11 +296,17 @@ class Runner:
             os.path.isdir(gt) and len(os.listdir(gt)) == n
 
     def _write_run_plans(self, dataset: str, previous_model: str, from_m0: bool = False) -> str:
+        from nnunetv2_medseqft.mds import preprocessed_root
+
+        plans = self._run_plans(dataset, previous_model, from_m0)
+        write_json_atomic(plans, os.path.join(preprocessed_root(), dataset, f"{plans['plans_name']}.json"))
+        return plans["plans_name"]
+
+    def _run_plans(self, dataset: str, previous_model: str, from_m0: bool = False) -> dict:
         """The base plans plus this run's settings; same data_identifier, so preprocessing is shared."""
         from nnunetv2_medseqft.mds import preprocessed_root
 
-        folder = os.path.join(preprocessed_root(), dataset)
-        plans = read_json(os.path.join(folder, f"{self.base_plans}.json"))
+        plans = read_json(os.path.join(preprocessed_root(), dataset, f"{self.base_plans}.json"))
         name = self._plans_name(from_m0)
         r = self.request
         section = plans["medseqft"]
@@ -301,8 +315,7 @@ class Runner:
                        else r.method, seed=r.seed, rft=dict(r.rft), budget=dict(r.budget),
                        final_validation=r.nnunet_validation, previous_model=os.path.abspath(previous_model))
         plans["plans_name"] = name
-        write_json_atomic(plans, os.path.join(folder, f"{name}.json"))
-        return name
+        return plans
 
     # ------------------------------------------------------------ select
     def _select(self, i: int, dataset: str) -> dict:
@@ -329,10 +342,10 @@ class Runner:
         trainer = self._trainer(dataset)
         folder = self._model_folder(dataset, from_m0)
         final = os.path.join(folder, "checkpoint_final.pth")
+        plans = self._write_run_plans(dataset, start_model, from_m0)
         if from_m0 and os.path.isfile(final):
             self.log(f"  reusing the M0 reference of {dataset} (same foundation, budget and seed): {final}")
         if not os.path.isfile(final):
-            plans = self._write_run_plans(dataset, start_model, from_m0)
             cmd = ["nnUNetv2_train", dataset, self.request.configuration, str(self.request.fold), "-tr", trainer,
                    "-p", plans, "-device", self.request.device]
             if os.path.isfile(os.path.join(folder, "checkpoint_latest.pth")):
@@ -349,6 +362,25 @@ class Runner:
         if os.path.isfile(fft) and dataset not in self.request.unseen:
             outputs["fft"] = file_record(fft)
         return outputs
+
+    def _check_model_folders(self) -> None:
+        """Checkpoints already in an unfinished step's model folder (an interrupted step, a shared reference, or
+        a run folder that was deleted) are continued or reused only if trained with exactly these settings."""
+        from nnunetv2_medseqft.checkpointing import load_checkpoint_file
+
+        for key, (dataset, start, from_m0) in self.trainings.items():
+            if self.manifest.is_done(key):
+                continue
+            folder = self._model_folder(dataset, from_m0)
+            ours = self._run_plans(dataset, start(), from_m0)["medseqft"]
+            for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
+                path = os.path.join(folder, name)
+                if os.path.isfile(path):
+                    theirs = load_checkpoint_file(path)["init_args"]["plans"].get("medseqft", {})
+                    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+                    if diff:
+                        raise MedSeqFTError(f"{path} was trained with other settings ({', '.join(diff)} differ) and "
+                                            f"is not this run's. Move {folder} away, or choose another --name.")
 
     def manifest_key_file(self, dataset: str, from_m0: bool) -> str:
         return f"{self.step_index:02d}_train_{dataset}{'_fromM0' if from_m0 else ''}.log"

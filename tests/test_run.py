@@ -163,3 +163,21 @@ def test_seqfft_run_with_unseen_task_then_report_and_compare(nnunet, tiny_founda
     assert (out / "unseen_transfer.png").is_file()
     table = run(["medseqft", "compare", "t-medseqft", "t-seqfft"], nnunet).stdout
     assert "| medseqft" in table and "| seqfft" in table
+
+
+def test_models_of_a_deleted_run_are_not_taken_for_another_settings_run(nnunet, tiny_foundation, medseqft_run):
+    """Same name, run folder gone, other seed: the model folders still hold the old run's models."""
+    import shutil
+
+    name = medseqft_run[0]
+    model = manifest(nnunet, name)["steps"]["train/Dataset501_MSFTLiver"]["outputs"]["model"]["path"]
+    before = Path(model).read_bytes()
+    moved = nnunet.root / "moved-run"
+    shutil.move(str(nnunet.results / "medseqft_runs" / name), moved)
+    try:
+        proc = run(run_cmd(tiny_foundation, name, "medseqft", "--seed", "5"), nnunet, check=False)
+        assert proc.returncode == 2 and "trained with other settings (seed differ)" in proc.stderr, proc.stderr
+        assert Path(model).read_bytes() == before
+    finally:
+        shutil.rmtree(nnunet.results / "medseqft_runs" / name, ignore_errors=True)
+        shutil.move(str(moved), nnunet.results / "medseqft_runs" / name)
