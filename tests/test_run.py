@@ -176,7 +176,8 @@ def test_models_of_a_deleted_run_are_not_taken_for_another_settings_run(nnunet, 
     shutil.move(str(nnunet.results / "medseqft_runs" / name), moved)
     try:
         proc = run(run_cmd(tiny_foundation, name, "medseqft", "--seed", "5"), nnunet, check=False)
-        assert proc.returncode == 2 and "trained with other settings (seed differ)" in proc.stderr, proc.stderr
+        # the MDS seed follows the run's seed, so both settings differ
+        assert proc.returncode == 2 and "trained with other settings (mds, seed differ)" in proc.stderr, proc.stderr
         assert Path(model).read_bytes() == before
     finally:
         shutil.rmtree(nnunet.results / "medseqft_runs" / name, ignore_errors=True)
