@@ -137,7 +137,7 @@ def fold_split(dataset_folder: str, data_folder: str, fold: int | str,
         rnd = np.random.RandomState(seed=SPLIT_SEED + fold)
         idx_tr = rnd.choice(len(all_keys), int(len(all_keys) * 0.8), replace=False)
         keys = [all_keys[i] for i in idx_tr]
-        val = [k for i, k in enumerate(all_keys) if i not in set(idx_tr)]
+        val = [all_keys[i] for i in sorted(set(range(len(all_keys))) - set(idx_tr))]
     missing = sorted((set(keys) | set(val)) - set(all_keys))
     if missing:
         raise MedSeqFTError(f"splits_final.json names cases without preprocessed data in {data_folder}: "

@@ -177,7 +177,6 @@ class Runner:
         self.method: Method = get_method(request.method)
         self.folder = manifest.folder
         self.base_plans = base_plans_name(foundation.sha256)
-        self.train_seconds: list[float] = []
         self.step_index = 0
         self.steps = self._plan_steps()
 
@@ -215,9 +214,6 @@ class Runner:
                 checked = True
             if self.manifest.is_done(key):
                 self.manifest.check_done_outputs(key)
-                seconds = self.manifest.step(key).get("seconds", 0.0)
-                if key.startswith(("train/", "unseen/")) and not key.endswith("/evaluate"):
-                    self.train_seconds.append(seconds)
                 continue
             self.log(f"[{self.request.name}] step {self.step_index}/{total}: {key}")
             started = self.manifest.start(key, {"kind": key.split("/")[0]})
@@ -228,8 +224,6 @@ class Runner:
                 self.manifest.fail(key, started, message)
                 raise
             self.manifest.finish(key, started, outputs)
-            if key.startswith(("train/", "unseen/")) and not key.endswith("/evaluate"):
-                self.train_seconds.append(self.manifest.step(key)["seconds"])
 
     # ------------------------------------------------------------ models of this run
     def _trainer(self, dataset: str) -> str:
@@ -352,7 +346,7 @@ class Runner:
                 cmd.append("--c")  # an interrupted training continues where its last checkpoint left it
             else:
                 cmd += ["-pretrained_weights", start_model]
-            log_file = os.path.join(self.folder, LOGS_FOLDER, self.manifest_key_file(dataset, from_m0))
+            log_file = os.path.join(self.folder, LOGS_FOLDER, self._log_name(dataset, from_m0))
             epochs = int(self.request.budget.get("num_epochs") or 1000)
             remaining = self._remaining_train_steps()
             train_with_progress(cmd, log_file, label=self._label(dataset, from_m0), epochs=epochs,
@@ -382,7 +376,7 @@ class Runner:
                         raise MedSeqFTError(f"{path} was trained with other settings ({', '.join(diff)} differ) and "
                                             f"is not this run's. Move {folder} away, or choose another --name.")
 
-    def manifest_key_file(self, dataset: str, from_m0: bool) -> str:
+    def _log_name(self, dataset: str, from_m0: bool) -> str:
         return f"{self.step_index:02d}_train_{dataset}{'_fromM0' if from_m0 else ''}.log"
 
     def _label(self, dataset: str, from_m0: bool) -> str:
