@@ -31,26 +31,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_mds import BIN, POOL_ID, set_env, sh  # noqa: E402
+from bench_mds import BIN, build_foundation, set_env  # noqa: E402
 
 RUN_ARGS = ["--epochs", "4", "--iterations", "3", "--val-iterations", "1", "--rft", "stage_b_fraction=0.5",
             "lora_rank=4", "--mds", "repeats=8"]
 EPOCHS = 1000  # nnU-Net's default training length: the size of the logging a real task checkpoint carries
-
-
-def build_foundation(args, workdir: Path) -> Path:
-    from nnunetv2_medseqft.synth import generate
-
-    raw, res = workdir / "nnUNet_raw", workdir / "nnUNet_results"
-    if not any(raw.glob(f"Dataset{POOL_ID}_*")):
-        generate(raw, preset=args.preset, seed=args.seed, first_id=POOL_ID)
-    if not any((workdir / "nnUNet_preprocessed").glob(f"Dataset{POOL_ID}_*/nnUNetPlans_3d_fullres")):
-        sh([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(POOL_ID), "-c", "3d_fullres", "-np", "2"])
-    pattern = f"Dataset{POOL_ID}_*/{args.pretrain_trainer}__nnUNetPlans__3d_fullres/fold_all/checkpoint_final.pth"
-    if not any(res.glob(pattern)):
-        sh([str(BIN / "nnUNetv2_train"), str(POOL_ID), "3d_fullres", "all", "-tr", args.pretrain_trainer,
-            "-device", args.device])
-    return next(res.glob(pattern)).resolve()
 
 
 def model_folder_for(ckpt_path: str, folder: Path) -> Path:
@@ -227,8 +212,7 @@ def extrapolated(tiny_index: dict, rank: int, tasks: int = 10) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None, help="folder for data and models (default: a temporary folder)")
-    p.add_argument("--preset", default="tiny", help="synth preset (default tiny)")
-    p.add_argument("--pretrain-trainer", default="MedSeqFTPretrainTrainer_tiny")
+    p.add_argument("--scale", default="tiny", help="nnunetv2_medseqft/scales.py (default tiny)")
     p.add_argument("--name", default="b-chain", help="run name (default b-chain)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank for the default network (default 8)")
     p.add_argument("--seed", type=int, default=0)
@@ -237,7 +221,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_chain_")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     set_env(workdir)
-    foundation = build_foundation(args, workdir)
+    foundation = build_foundation(workdir, args.scale, args.device, args.seed).resolve()
     tiny = measured(args, workdir, foundation)
     index = tiny.pop("index")
     big = extrapolated(index, args.rank)

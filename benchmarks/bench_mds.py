@@ -13,9 +13,7 @@ The LAST line printed is a JSON object with exactly these keys:
   site_precision         fraction of the adaptive buffer from pool sites
   random_site_precision  expectation for a random buffer: fraction of the fold's training cases from pool sites
 
-Full run (GPU advised): ``python benchmarks/bench_mds.py --device cuda``.
-Reduced CPU run: ``python benchmarks/bench_mds.py --preset tiny --pretrain-trainer MedSeqFTPretrainTrainer_tiny
---fixed-repeats 50``.
+CPU scale (default): ``python benchmarks/bench_mds.py``; unit-test scale: ``--scale tiny --fixed-repeats 50``.
 """
 
 from __future__ import annotations
@@ -51,26 +49,68 @@ def set_env(workdir: Path) -> None:
         PYTHONUNBUFFERED="1")
 
 
-def build_foundation(workdir: Path, preset: str, pretrain_trainer: str, device: str, seed: int = 0) -> Path:
-    """Generated data, planned pool and a pre-trained foundation (each step skipped when its output exists)."""
+def build_foundation(workdir: Path, scale, device: str, seed: int = 0, pretrain_trainer: str | None = None,
+                     first_id: int = POOL_ID) -> Path:
+    """Generated data, the pool planned at ``scale`` and a pre-trained foundation (each step skipped when its
+    output exists). ``scale``: a ``nnunetv2_medseqft.scales.Scale`` or its name; ``first_id``: the pool's id
+    (two scales can share one nnU-Net root at different ids)."""
+    from nnunetv2_medseqft.scales import get_scale
     from nnunetv2_medseqft.synth import generate
 
+    scale = get_scale(scale) if isinstance(scale, str) else scale
+    trainer = pretrain_trainer or scale.pretrain_trainer
     raw, pre, res = (workdir / d for d in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
-    if not any(raw.glob(f"Dataset{POOL_ID}_*")):
-        generate(raw, preset=preset, seed=seed, first_id=POOL_ID)
-    if not any(pre.glob(f"Dataset{POOL_ID}_*/nnUNetPlans_3d_fullres")):
-        sh([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(POOL_ID), "-c", "3d_fullres", "-np", "2"])
-    pattern = f"Dataset{POOL_ID}_*/{pretrain_trainer}__nnUNetPlans__3d_fullres/fold_all/checkpoint_final.pth"
+    if not any(raw.glob(f"Dataset{first_id}_*")):
+        generate(raw, preset=scale.preset, seed=seed, first_id=first_id)
+    if not any(pre.glob(f"Dataset{first_id}_*/{scale.plans_name}_3d_fullres")):
+        cmd = scale.plan_command(first_id)
+        sh([str(BIN / cmd[0])] + cmd[1:])
+    pattern = f"Dataset{first_id}_*/{trainer}__{scale.plans_name}__3d_fullres/fold_all/checkpoint_final.pth"
     if not any(res.glob(pattern)):
-        sh([str(BIN / "nnUNetv2_train"), str(POOL_ID), "3d_fullres", "all", "-tr", pretrain_trainer, "-device", device])
+        sh([str(BIN / "nnUNetv2_train"), str(first_id), "3d_fullres", "all", "-tr", trainer, "-p", scale.plans_name,
+            "-device", device])
     return next(res.glob(pattern))
+
+
+def random_init_foundation(foundation: Path, seed: int = 0) -> Path:
+    """The foundation's checkpoint with freshly initialised weights (nnU-Net's own init, seeded) next to it:
+    ``medseqft run --method parallel`` from it is training from scratch on identical plans and budget."""
+    import copy
+
+    import torch
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_medseqft.trainers.pretrain import MedSeqFTPretrainTrainer
+
+    from nnunetv2_medseqft.checkpointing import atomic_torch_save
+    from nnunetv2_medseqft.foundation import load_foundation
+
+    out = foundation.parent / f"random_init_s{seed}.pth"
+    if not out.is_file():
+        f = load_foundation(str(foundation))
+        pm = PlansManager(copy.deepcopy(f.plans))
+        torch.manual_seed(seed)
+        net = MedSeqFTPretrainTrainer.build_network_architecture(
+            pm, pm.get_configuration(f.configuration), f.num_input_channels, f.num_input_channels, False)
+        ckpt = dict(f.checkpoint, network_weights=net.state_dict(), optimizer_state=None)
+        ckpt["medseqft"] = dict(ckpt["medseqft"], random_init_of=f.sha256, random_init_seed=seed)
+        atomic_torch_save(ckpt, str(out))
+    return out
+
+
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    from nnunetv2_medseqft.scales import SCALES
+
+    p.add_argument("--scale", default="cpu", choices=list(SCALES),
+                   help="data, plans and foundation budget (nnunetv2_medseqft/scales.py; default: cpu)")
+    p.add_argument("--pretrain-trainer", default=None, help="another foundation budget than the scale's")
+    p.add_argument("--first-id", type=int, default=POOL_ID, help=f"the pool's dataset id (default: {POOL_ID})")
 
 
 def build(args, workdir: Path) -> tuple[str, Path]:
     """The foundation and one planned task (each step skipped when its output exists)."""
-    foundation = build_foundation(workdir, args.preset, args.pretrain_trainer, args.device, args.seed)
+    foundation = build_foundation(workdir, args.scale, args.device, args.seed, args.pretrain_trainer, args.first_id)
     raw, pre = workdir / "nnUNet_raw", workdir / "nnUNet_preprocessed"
-    task_id = POOL_ID + args.task
+    task_id = args.first_id + args.task
     task = next(raw.glob(f"Dataset{task_id:03d}_*")).name
     plans = pre / task / f"{args.plans_name}.json"
     recorded = json.loads(plans.read_text()).get("medseqft", {}).get("foundation", {}) if plans.is_file() else {}
@@ -127,9 +167,7 @@ def throughput(task: str, fold, plans_name: str, settings, device: str, rounds: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None, help="folder for data and models (default: a temporary folder)")
-    p.add_argument("--preset", default="bench", help="synth preset: bench (24 cases/task) or tiny (8)")
-    p.add_argument("--pretrain-trainer", default="MedSeqFTPretrainTrainer_50epochs",
-                   help="foundation pre-training budget (default: MedSeqFTPretrainTrainer_50epochs)")
+    add_scale_args(p)
     p.add_argument("--task", type=int, default=1, help="which sequential task to score, 1-4 (default: 1)")
     p.add_argument("--fold", default="0")
     p.add_argument("--plans-name", default="MedSeqFTPlans")

@@ -4,15 +4,17 @@ Same plans, batches and data, measured side by side in one run (steps alternate 
 trainers in rounds, so that the load of a shared machine hits all alike). Builds its data like
 bench_mds.py (synth, pool, foundation, ``medseqft plan``) in --workdir, reusing what exists.
 
-The LAST line printed is a JSON object with exactly these keys:
+The LAST line printed is a JSON object with these keys:
   rft_step_ratio      median stage-B step / median stock step
   fft_step_ratio      median stage-A step / median stock step
   rft_peak_rss_ratio  peak RSS of a process running stage-B steps / one running stock steps (separate children)
   merge_max_abs_diff  max |logits| difference: student computed with peft's LoRA branch vs the merged plain network
   predict_time_ratio  nnUNetPredictor time on one case: merged M_t / a stock nnUNetTrainer checkpoint
+  cpu_scale_iteration_ratio  median whole iteration (the trainer's own loader + train_step, stock
+                      nnUNetTrainer) at --scale / at --reference-scale (tiny), alternating in one process
+  iteration_seconds   those medians, seconds
 
-Reduced CPU run: ``python benchmarks/bench_trainer.py --preset tiny --pretrain-trainer
-MedSeqFTPretrainTrainer_tiny --steps 4``.
+CPU scale: ``python benchmarks/bench_trainer.py --workdir W`` (builds both scales in W, tiny at id 600).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_mds import build, set_env  # noqa: E402
+from bench_mds import add_scale_args, build, set_env  # noqa: E402
 
 TRAINER = "MedSeqFTTrainer"
 
@@ -114,8 +116,11 @@ def predict_ratio(trainers, task, rounds: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None)
-    p.add_argument("--preset", default="bench")
-    p.add_argument("--pretrain-trainer", default="MedSeqFTPretrainTrainer_50epochs")
+    add_scale_args(p)
+    p.add_argument("--reference-scale", default="tiny",
+                   help="scale whose whole nnU-Net iteration (loader + train_step) --scale is compared with "
+                        "(cpu_scale_iteration_ratio; built at --first-id + 100; 'none' skips it)")
+    p.add_argument("--iterations", type=int, default=30, help="timed loader+step iterations per scale (default: 30)")
     p.add_argument("--task", type=int, default=1)
     p.add_argument("--plans-name", default="MedSeqFTPlans")
     p.add_argument("--seed", type=int, default=0)
@@ -160,8 +165,47 @@ def main(argv=None) -> int:
     }
     del trainers["fft"]
     result["predict_time_ratio"] = predict_ratio(trainers, task, args.predict_rounds)
+    if args.reference_scale != "none":
+        result.update(iteration_ratio(args, trainers["stock"], Path(args.workdir)))
     print(json.dumps(result))
     return 0
+
+
+def iteration_ratio(args, stock, workdir: Path) -> dict:
+    """A whole nnU-Net iteration (next batch from the trainer's own loader + train_step) of a stock
+    nnUNetTrainer at --scale and at --reference-scale, alternating, medians."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+    ref_args = argparse.Namespace(**{**vars(args), "scale": args.reference_scale, "first_id": args.first_id + 100,
+                                     "pretrain_trainer": None})
+    ref_task, ref_foundation = build(ref_args, workdir)
+    ref = get_trainer_from_args(ref_task, "3d_fullres", 0, "nnUNetTrainer", args.plans_name, device=torch.device("cpu"))
+    maybe_load_checkpoint(ref, False, False, str(ref_foundation))
+    ref.on_train_start()
+    trainers = {args.scale: stock, args.reference_scale: ref}
+    load, step = ({n: [] for n in trainers} for _ in range(2))
+    for i in range(args.iterations + 2):
+        for name, tr in trainers.items():
+            tr.network.train()
+            t0 = time.perf_counter()
+            batch = next(tr.dataloader_train)
+            t1 = time.perf_counter()
+            tr.train_step(batch)
+            t2 = time.perf_counter()
+            if i >= 2:  # warm-up
+                load[name].append(t1 - t0)
+                step[name].append(t2 - t1)
+    ref.on_train_end()
+    total = {n: statistics.median([a + b for a, b in zip(load[n], step[n])]) for n in trainers}
+    details = {n: {"iteration_s": round(total[n], 4), "loader_wait_s": round(statistics.median(load[n]), 4),
+                   "train_step_s": round(statistics.median(step[n]), 4),
+                   "patch": list(tr.configuration_manager.patch_size), "batch": tr.batch_size,
+                   "features": list(tr.configuration_manager.network_arch_init_kwargs["features_per_stage"])}
+               for n, tr in trainers.items()}
+    print("whole iterations:", json.dumps(details))
+    return {"cpu_scale_iteration_ratio": total[args.scale] / total[args.reference_scale],
+            "iteration_seconds": {n: details[n]["iteration_s"] for n in trainers}}
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""``medseqft demo``: the whole method end to end on generated data, small enough for a laptop CPU.
+"""``medseqft demo``: the whole method end to end on generated data, at the CPU scale, in about 10 minutes.
 
-Generates the tiny benchmark, pre-trains a tiny foundation with masked-image modelling, runs MedSeqFT
-and sequential FFT over 3 tasks + 1 unseen task, and prints the comparison table and the report's
-path. Everything goes under ``--out`` (nnU-Net folders included); nnU-Net's variables are set for the
-child processes only. Re-running with the same ``--out`` resumes: finished steps are kept.
+Generates the CPU-scale benchmark (pool + liver + spleen), plans the pool with ``MedSeqFTCPUPlanner``,
+pre-trains a short foundation by masked-image modelling, runs MedSeqFT, sequential FFT and parallel FFT
+over liver -> spleen, and prints the comparison table and the report's path (with a validation slice,
+ground truth and prediction per task). Unseen-task transfer is left to ``benchmarks/bench_fidelity.py``:
+it doubles the training count. Everything goes under ``--out`` (nnU-Net folders included); nnU-Net's
+variables are set for the child processes only. Re-running with the same ``--out`` resumes.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ from datetime import datetime
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 
-POOL_ID, FIRST_TASK, UNSEEN_ID = 500, 501, 504  # synth with 3 tasks: 501-503, unseen 504 (liver lesion), 505
-PRETRAINER = "MedSeqFTPretrainTrainer_tiny"
-METHODS = ("medseqft", "seqfft")
-# per task: 4 epochs x 3 iterations (2 + 2 epochs for MedSeqFT's two stages); MDS with 8 draws per case.
-# A smoke budget that shows every step within minutes: its scores say nothing about the method.
-RUN_ARGS = ["--epochs", "4", "--iterations", "3", "--val-iterations", "1",
-            "--rft", "stage_b_fraction=0.5", "lora_rank=4", "--mds", "repeats=8"]
+SCALE = "cpu"
+POOL_ID, FIRST_TASK, NUM_TASKS = 500, 501, 2  # synth with 2 tasks: 501 liver, 502 spleen (503/504 unseen, unused)
+PRETRAINER = "MedSeqFTPretrainTrainer_cpuDemo"  # 8 epochs: 0.8 of the full CPU foundation's score, in 1/7 of its time
+METHODS = ("medseqft", "seqfft", "parallel")
+# per task: 6 epochs x 50 iterations (a third of the benchmark's plateau budget); MDS with 16 draws per case
+RUN_ARGS = ["--epochs", "6", "--iterations", "50", "--val-iterations", "2", "--mds", "repeats=16"]
 
 
 def demo_env(out: str) -> dict:
@@ -50,7 +51,9 @@ def _step(title: str, cmd: list[str], env: dict, log_file: str) -> None:
 
 def run_demo(out: str, device: str = "cpu") -> str:
     from nnunetv2_medseqft.report import compare_rows, load_results, markdown_table, write_report
+    from nnunetv2_medseqft.scales import get_scale
     from nnunetv2_medseqft.synth import generate
+    from nnunetv2_medseqft.synth.datasets import default_datasets
 
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
@@ -60,25 +63,28 @@ def run_demo(out: str, device: str = "cpu") -> str:
     print(f"medseqft demo in {out} (full log: {log_file})", flush=True)
 
     raw = env["nnUNet_raw"]
-    if not os.path.isfile(os.path.join(raw, f"Dataset{UNSEEN_ID:03d}_MSFTLiverLesion", "dataset.json")):
-        print("== generating the tiny benchmark (pool, 3 tasks, 1 unseen task)", flush=True)
-        generate(raw, preset="tiny", seed=0, first_id=POOL_ID, num_tasks=3)
-    foundation = os.path.join(env["nnUNet_results"], "Dataset500_MSFTPool",
-                              f"{PRETRAINER}__nnUNetPlans__3d_fullres", "fold_all", "checkpoint_final.pth")
+    scale = get_scale(SCALE)
+    last = default_datasets(POOL_ID, NUM_TASKS)[-1]
+    if not os.path.isfile(os.path.join(raw, last.name, "dataset.json")):
+        print(f"== generating the {scale.name}-scale benchmark (pool, liver, spleen)", flush=True)
+        generate(raw, preset=scale.preset, seed=0, first_id=POOL_ID, num_tasks=NUM_TASKS)
+    foundation = os.path.join(env["nnUNet_results"], f"Dataset{POOL_ID}_MSFTPool",
+                              f"{PRETRAINER}__{scale.plans_name}__3d_fullres", "fold_all", "checkpoint_final.pth")
     if not os.path.isfile(foundation):
-        _step("planning the pre-training pool (stock nnU-Net)",
-              ["nnUNetv2_plan_and_preprocess", "-d", str(POOL_ID), "-c", "3d_fullres", "-np",
-               env["nnUNet_def_n_proc"]], env, log_file)
-        _step("pre-training the tiny foundation M0 (masked-image modelling)",
-              ["nnUNetv2_train", str(POOL_ID), "3d_fullres", "all", "-tr", PRETRAINER, "-device", device],
-              env, log_file)
-    tasks = [str(FIRST_TASK + i) for i in range(3)]
+        if not os.path.isdir(os.path.join(env["nnUNet_preprocessed"], f"Dataset{POOL_ID}_MSFTPool",
+                                          f"{scale.plans_name}_3d_fullres")):
+            _step(f"planning the pre-training pool (stock nnU-Net, -pl {scale.planner})",
+                  scale.plan_command(POOL_ID, env["nnUNet_def_n_proc"]), env, log_file)
+        _step("pre-training the foundation M0 (masked-image modelling)",
+              ["nnUNetv2_train", str(POOL_ID), "3d_fullres", "all", "-tr", PRETRAINER, "-p", scale.plans_name,
+               "-device", device], env, log_file)
+    tasks = [str(FIRST_TASK + i) for i in range(NUM_TASKS)]
     runs = []
     for method in METHODS:
         name = f"demo-{method}"
-        print(f"== medseqft run --method {method} over datasets {' '.join(tasks)} (+ unseen {UNSEEN_ID})", flush=True)
+        print(f"== medseqft run --method {method} over datasets {' '.join(tasks)}", flush=True)
         cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli", "run", "--foundation", foundation, "--datasets", *tasks,
-               "--unseen", str(UNSEEN_ID), "--method", method, "--name", name, "--device", device, *RUN_ARGS]
+               "--method", method, "--name", name, "--device", device, *RUN_ARGS]
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
             raise MedSeqFTError(f"The {method} run stopped (exit {proc.returncode}). Resume the demo with: "

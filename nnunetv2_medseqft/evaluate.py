@@ -51,9 +51,10 @@ def dice_and_hd95(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[float, flo
     return dice, float(hd.item())
 
 
-def summarise(per_case: list[dict[str, tuple[float, float] | None]]) -> dict:
+def summarise(per_case: list[dict[str, tuple[float, float] | None]], case_ids: list[str] | None = None) -> dict:
     """Mean over cases per label (cases where the label is absent from both masks are left out, as nnU-Net's
-    summary does), and the mean over the labels that were scored."""
+    summary does), and the mean over the labels that were scored; with ``case_ids``, each case's mean Dice
+    too (``per_case``: per-site tables are built from it)."""
     labels = list(per_case[0]) if per_case else []
     out = {}
     for name in labels:
@@ -62,7 +63,20 @@ def summarise(per_case: list[dict[str, tuple[float, float] | None]]) -> dict:
                      "hd95": float(np.mean([h for _, h in scored])) if scored else None, "cases": len(scored)}
     mean = {m: float(np.mean([v[m] for v in out.values() if v[m] is not None]))
             if any(v[m] is not None for v in out.values()) else None for m in ("dice", "hd95")}
-    return {"mean": mean, "labels": out, "cases": len(per_case)}
+    summary = {"mean": mean, "labels": out, "cases": len(per_case)}
+    if case_ids is not None:
+        summary["per_case"] = {
+            case: (float(np.mean([v[0] for v in scores.values() if v is not None]))
+                   if any(v is not None for v in scores.values()) else None)
+            for case, scores in zip(case_ids, per_case)}
+    return summary
+
+
+def overlay_slice(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> dict:
+    """The axial slice (numpy axis 0) with the most ground-truth foreground, of image, ground truth and prediction."""
+    z = int(np.argmax((gt > 0).reshape(gt.shape[0], -1).sum(1)))
+    return {"image": image[z].astype(np.float32), "gt": gt[z].astype(np.uint8), "pred": pred[z].astype(np.uint8),
+            "slice": z}
 
 
 def continual_metrics(r: list[list[float | None]]) -> dict:
@@ -91,6 +105,7 @@ class ValidationSet:
     labels: dict[str, int]  # label name -> value (background excluded)
     cases: list[tuple[str, np.ndarray, dict, np.ndarray]]  # (id, preprocessed data, properties, ground truth)
     predictor: object
+    raw_images: dict[str, str]  # case id -> first channel's raw image file (for overlay figures)
 
     @classmethod
     def load(cls, dataset_name: str, plans_name: str, configuration: str, fold, device: str = "cpu",
@@ -140,16 +155,25 @@ class ValidationSet:
         mirror_axes = tuple(range(len(cfg.patch_size))) if mirror else None
         predictor.manual_initialization(network.to(device), plans_manager, cfg, None, model_json, "nnUNetTrainer",
                                         mirror_axes)
-        return cls(dataset_name, labels, cases, predictor)
+        from nnunetv2.paths import nnUNet_raw
 
-    def score(self, state_dict: dict, label_map: dict[int, int] | None = None) -> dict:
-        """Scores of one set of weights; ``label_map`` maps predicted values to this dataset's (multitask)."""
-        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+        raw_images = {key: os.path.join(nnUNet_raw or "", dataset_name, "imagesTr", f"{key}_0000{dataset_json['file_ending']}")
+                      for key in val}
+        return cls(dataset_name, labels, cases, predictor, raw_images)
+
+    def score(self, state_dict: dict, label_map: dict[int, int] | None = None, overlay: str | None = None) -> dict:
+        """Scores of one set of weights; ``label_map`` maps predicted values to this dataset's (multitask).
+
+        ``overlay``: also write the first validation case's most-foreground axial slice (raw image, ground
+        truth, prediction) to this ``.npz`` file, for the report's figures; skipped if the raw image is gone."""
+        from nnunetv2.inference.export_prediction import (
+            convert_predicted_logits_to_segmentation_with_correct_shape,
+        )
 
         p = self.predictor
         p.list_of_parameters = [state_dict]
         per_case = []
-        for _, data, properties, gt in self.cases:
+        for n, (key, data, properties, gt) in enumerate(self.cases):
             logits = p.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
             seg = convert_predicted_logits_to_segmentation_with_correct_shape(
                 logits, p.plans_manager, p.configuration_manager, p.label_manager, properties)
@@ -159,7 +183,20 @@ class ValidationSet:
             spacing = properties["spacing"]
             per_case.append({name: dice_and_hd95(seg == value, gt == value, spacing)
                              for name, value in self.labels.items()})
-        return summarise(per_case)
+            if overlay and n == 0 and os.path.isfile(self.raw_images[key]):
+                self._write_overlay(overlay, key, seg, gt)
+        return summarise(per_case, [c[0] for c in self.cases])
+
+    def _write_overlay(self, path: str, key: str, seg: np.ndarray, gt: np.ndarray) -> None:
+        import SimpleITK as sitk
+
+        image = sitk.GetArrayFromImage(sitk.ReadImage(self.raw_images[key]))
+        if image.shape != gt.shape:  # another geometry than the exported segmentation: no figure rather than a wrong one
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez_compressed(tmp, case=key, **overlay_slice(image, gt, seg))
+        os.replace(tmp, path)
 
 
 def load_weights(path: str) -> dict:

@@ -77,3 +77,13 @@ def architecture_mismatches(plans_a: dict, config_a: str, plans_b: dict, config_
     ca = PlansManager(copy.deepcopy(plans_a)).get_configuration(config_a).configuration
     cb = PlansManager(copy.deepcopy(plans_b)).get_configuration(config_b).configuration
     return [f for f in ARCHITECTURE_FIELDS if ca.get(f) != cb.get(f)]
+
+
+def describe_network(plans: dict, configuration: str) -> str:
+    """'MedSeqFTCPUPlans: PlainConvUNet, features 8-64, patch 32x32x32': what a reader needs to tell two scales apart."""
+    cfg = plans.get("configurations", {}).get(configuration, {})
+    arch = cfg.get("architecture", {})
+    features = arch.get("arch_kwargs", {}).get("features_per_stage") or [None]
+    patch = "x".join(str(v) for v in cfg.get("patch_size", []))
+    return (f"{plans.get('plans_name')}: {str(arch.get('network_class_name', '?')).rsplit('.', 1)[-1]}, "
+            f"features {features[0]}-{features[-1]}, patch {patch}")

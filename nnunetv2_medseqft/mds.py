@@ -56,8 +56,8 @@ import torch
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.foundation import Foundation, architecture_mismatches, load_foundation
-from nnunetv2_medseqft.mds_settings import MDSSettings
 from nnunetv2_medseqft.jsonio import write_json_atomic
+from nnunetv2_medseqft.mds_settings import MDSSettings
 from nnunetv2_medseqft.ssl import random_patch, ssl_losses
 
 FORMAT = "medseqft-mds-buffer/1"

@@ -14,7 +14,7 @@ import torch
 
 from nnunetv2_medseqft.checkpointing import load_checkpoint_file, sha256_file
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.foundation import architecture_mismatches
+from nnunetv2_medseqft.foundation import architecture_mismatches, describe_network
 
 
 def previous_model_path(plans: dict, argv: list[str] | None = None) -> str | None:
@@ -34,11 +34,14 @@ def check_previous_model(path: str, plans: dict, configuration: str, trainer_nam
     args = ckpt["init_args"]
     diff = architecture_mismatches(args["plans"], args["configuration"], plans, configuration)
     if diff:
+        dataset = plans.get("dataset_name")
         raise MedSeqFTError(
-            f"{trainer_name}: {what} {path} has another architecture than these plans "
-            f"({', '.join(diff)} differ). Plan this dataset with the foundation's plans: "
-            f"medseqft plan -d {plans.get('dataset_name')} --foundation FOUNDATION/checkpoint_final.pth, "
-            f"then train with -p MedSeqFTPlans.")
+            f"{trainer_name}: {what} {path} has another architecture than these plans ({', '.join(diff)} differ):\n"
+            f"  the model: {describe_network(args['plans'], args['configuration'])}\n"
+            f"  these plans: {describe_network(plans, configuration)} ({dataset})\n"
+            f"Plan {dataset} with the plans of the foundation that model descends from, under a name of its own, and "
+            f"train with it: medseqft plan -d {dataset} --foundation FOUNDATION/checkpoint_final.pth --plans-name "
+            f"MedSeqFTPlans_other, then -p MedSeqFTPlans_other. Nothing was trained or written.")
     return {"path": path, "sha256": sha256_file(path), "trainer_name": ckpt.get("trainer_name")}
 
 

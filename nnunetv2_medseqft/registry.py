@@ -11,6 +11,8 @@ TRAINERS: dict[str, str] = {
     "MedSeqFTPretrainTrainer_50epochs": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTPretrainTrainer_250epochs": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTPretrainTrainer_tiny": "nnunetv2_medseqft.trainers.pretrain",
+    "MedSeqFTPretrainTrainer_cpu": "nnunetv2_medseqft.trainers.pretrain",
+    "MedSeqFTPretrainTrainer_cpuDemo": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTTrainer": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTFFTTrainer": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTLoRATrainer": "nnunetv2_medseqft.trainers.medseqft",
@@ -28,4 +30,5 @@ TRAINERS: dict[str, str] = {
 
 PLANNERS: dict[str, str] = {
     "MedSeqFTPlanner": "nnunetv2_medseqft.planners.medseqft_planner",
+    "MedSeqFTCPUPlanner": "nnunetv2_medseqft.planners.cpu_planner",
 }

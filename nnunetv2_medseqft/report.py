@@ -13,6 +13,7 @@ import statistics
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.jsonio import read_json, write_json_atomic
+from nnunetv2_medseqft.overlays import case_sites, dice_per_site, overlay_file, plot_overlay
 from nnunetv2_medseqft.run_layout import RESULTS_FILE, resolve_run
 
 RESULTS_FORMAT = "medseqft-run-results/"
@@ -400,6 +401,15 @@ def _unseen_table(results: dict) -> str | None:
     return _table(["Unseen dataset", "Dice from run", "Dice from M0", "Difference"], body) if body else None
 
 
+def _site_table(results: dict) -> str | None:
+    body = []
+    for task, models in (results.get("scores") or {}).items():
+        sites = case_sites(task)
+        for site, v in dice_per_site((models or {}).get("M") or {}, sites).items():
+            body.append([task, site, str(v["cases"]), _fmt(v["dice"])])
+    return _table(["Task", "Site", "Cases", "Dice"], body) if body else None
+
+
 def _analysis_images(folder: str) -> list:
     """PNGs that analysis tools (landscape, parameter drift) leave in the run's ``analysis/`` folder."""
     analysis = os.path.join(folder, ANALYSIS_FOLDER)
@@ -421,6 +431,10 @@ def _run_section(folder: str, results: dict, label: str, out: str) -> list:
     for title, table, note in parts:
         if table:
             lines += [f"### {title}", ""] + ([note, ""] if note else []) + [table, ""]
+    sites = _site_table(results)
+    if sites:
+        lines += ["### Dice per acquisition site", "", "Exported model M_t; sites as `sites.json` names them.", "",
+                  sites, ""]
     summary = results.get("summary") or {}
     lines += [f"ACC {_fmt(summary.get('acc'))}, BWT {_fmt(summary.get('bwt'))}, FWT {_fmt(summary.get('fwt'))}.", ""]
     lines += _image(plot_r_matrix(results, os.path.join(out, f"r_matrix_{label}.png")), out, "R matrix")
@@ -428,6 +442,12 @@ def _run_section(folder: str, results: dict, label: str, out: str) -> list:
     if curves:
         lines += ["### Training curves", "", "A dotted line marks the epoch at which stage B started.", ""]
         lines += _image(curves, out, "training curves")
+    overlays = [plot_overlay(overlay_file(folder, task), os.path.join(out, f"overlay_{label}_{_short(task)}.png"),
+                             f"{_short(task)}, M_t") for task in _tasks(results)]
+    if any(overlays):
+        lines += ["### Segmentations", "", "The first validation case: the axial slice with the most ground truth.", ""]
+        for path in filter(None, overlays):
+            lines += _image(path, out, "validation slice, ground truth and prediction")
     analysis = _analysis_images(folder)
     if analysis:
         lines += ["### Analysis", ""]

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.jsonio import read_json, write_json_atomic
 from nnunetv2_medseqft.manifest import Manifest, RunLock, file_record
-from nnunetv2_medseqft.train_process import output_to, train_with_progress
 from nnunetv2_medseqft.methods import METHODS, UNSEEN_TRAINER, Method, get_method
 from nnunetv2_medseqft.run_layout import LOGS_FOLDER, RESULTS_FILE, check_run_name, run_folder
+from nnunetv2_medseqft.train_process import output_to, train_with_progress
 
 RESULTS_FORMAT = "medseqft-run-results/1"
 FROM_M0 = ".fromM0"  # run names cannot hold '.', so these plans names never collide with a run's
@@ -416,9 +416,10 @@ class Runner:
 
     def _evaluate_task(self, dataset: str) -> dict:
         from nnunetv2_medseqft.evaluate import load_weights, training_curves
+        from nnunetv2_medseqft.overlays import overlay_file
 
         val = self._validation(dataset)
-        scores = {"M": val.score(load_weights(self._task_model(dataset)))}
+        scores = {"M": val.score(load_weights(self._task_model(dataset)), overlay=overlay_file(self.folder, dataset))}
         if self.method.has_fft and os.path.isfile(self._task_model(dataset, "F")):
             scores["F"] = val.score(load_weights(self._task_model(dataset, "F")))
         results = self._results()

@@ -13,6 +13,7 @@ Stock route: ``MEDSEQFT_FOUNDATION=/path/checkpoint_final.pth nnUNetv2_plan_and_
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 
@@ -22,7 +23,12 @@ from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
 
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.foundation import Foundation, load_foundation
+from nnunetv2_medseqft.foundation import (
+    Foundation,
+    architecture_mismatches,
+    describe_network,
+    load_foundation,
+)
 from nnunetv2_medseqft.mds_settings import MDSSettings
 
 FOUNDATION_ENV = "MEDSEQFT_FOUNDATION"
@@ -43,6 +49,26 @@ def check_channels(foundation: Foundation, dataset_json: dict, dataset_name: str
             raise MedSeqFTError(
                 f"Channel {key} of {dataset_name} is '{ours[key]}' ({a.__name__}) but the foundation's is "
                 f"'{theirs[key]}' ({b.__name__}): the modality differs. Use a foundation pre-trained on this modality.")
+
+
+def check_replan(foundation: Foundation, dataset_name: str, plans_name: str) -> None:
+    """Existing plans of this name with another network (another foundation or scale) are not overwritten:
+    models trained with them, and their preprocessed data, would no longer match."""
+    existing = join(nnUNet_preprocessed, dataset_name, plans_name + ".json")
+    if not os.path.isfile(existing):
+        return
+    with open(existing) as f:
+        old = json.load(f)
+    cfg = foundation.configuration
+    if cfg in old.get("configurations", {}) and not architecture_mismatches(old, cfg, foundation.plans, cfg):
+        return
+    raise MedSeqFTError(
+        f"{dataset_name} is already planned as '{plans_name}' with another network than the foundation's:\n"
+        f"  existing: {describe_network(old, cfg)} (foundation {old.get('medseqft', {}).get('foundation', {}).get('path')})\n"
+        f"  foundation {foundation.path}: {describe_network(foundation.plans, cfg)}\n"
+        f"Re-planning would orphan models trained with the existing plans. Plan under another name: "
+        f"medseqft plan -d {dataset_name} --foundation {foundation.path} --plans-name {plans_name}_2 "
+        f"(or delete {existing} if nothing was trained with it).")
 
 
 def foundation_compatible_plans(foundation: Foundation, dataset_name: str, plans_name: str,
@@ -86,6 +112,7 @@ class MedSeqFTPlanner(ExperimentPlanner):
 
     def plan_experiment(self):
         check_channels(self.foundation, self.dataset_json, self.dataset_name)
+        check_replan(self.foundation, self.dataset_name, self.plans_identifier)
         # nnU-Net's preprocessing reads dataset.json from the preprocessed folder
         os.makedirs(join(nnUNet_preprocessed, self.dataset_name), exist_ok=True)
         shutil.copy(join(self.raw_dataset_folder, "dataset.json"),

@@ -15,7 +15,6 @@ from nnunet_helpers import BIN, folder_hashes, manifest, run, run_cmd
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 
-
 # ---------------------------------------------------------------- bad inputs (no training)
 
 @pytest.mark.parametrize("datasets, unseen, message", [
@@ -161,6 +160,18 @@ def test_seqfft_run_with_unseen_task_then_report_and_compare(nnunet, tiny_founda
     assert "seqfft" in text and "medseqft" in text
     assert (out / "dice_per_task.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "unseen_transfer.png").is_file()
+    # one segmentation figure per task (validation slice, ground truth, prediction), all of one pixel size
+    for task in ("Dataset501_MSFTLiver", "Dataset502_MSFTSpleen"):
+        assert (runs / "t-medseqft" / "overlays" / f"{task}.npz").is_file()
+    figures = sorted(out.glob("overlay_t-medseqft_*.png")) + sorted(out.glob("overlay_t-seqfft_*.png"))
+    assert len(figures) == 4, figures
+    for png in figures:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and png.name in text
+        assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (900, 320)
+    per_case = results["scores"]["Dataset501_MSFTLiver"]["M"]["per_case"]
+    assert len(per_case) == 2 and all(0 <= v <= 100 for v in per_case.values() if v is not None)
+    assert "Dice per acquisition site" in text
     table = run(["medseqft", "compare", "t-medseqft", "t-seqfft"], nnunet).stdout
     assert "| medseqft" in table and "| seqfft" in table
 

@@ -126,6 +126,12 @@ class MedSeqFTPretrainTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
 MedSeqFTPretrainTrainer_5epochs = budget_variant("MedSeqFTPretrainTrainer_5epochs", MedSeqFTPretrainTrainer, __name__, 5)
 MedSeqFTPretrainTrainer_50epochs = budget_variant("MedSeqFTPretrainTrainer_50epochs", MedSeqFTPretrainTrainer, __name__, 50)
 MedSeqFTPretrainTrainer_250epochs = budget_variant("MedSeqFTPretrainTrainer_250epochs", MedSeqFTPretrainTrainer, __name__, 250)
-# CPU tests and the demo: 6 epochs of 10 iterations, 3 validation batches
+# the CPU benchmark scale (MedSeqFTCPUPlans): EPOCHS x 50 iterations, 10 validation batches
+MedSeqFTPretrainTrainer_cpu = budget_variant("MedSeqFTPretrainTrainer_cpu", MedSeqFTPretrainTrainer, __name__,
+                                             60, 50, 10)
+# medseqft demo: 8 of those epochs
+MedSeqFTPretrainTrainer_cpuDemo = budget_variant("MedSeqFTPretrainTrainer_cpuDemo", MedSeqFTPretrainTrainer, __name__,
+                                                 8, 50, 10)
+# CPU tests: 6 epochs of 10 iterations, 3 validation batches
 MedSeqFTPretrainTrainer_tiny = budget_variant("MedSeqFTPretrainTrainer_tiny", MedSeqFTPretrainTrainer, __name__,
                                               6, 10, 3)

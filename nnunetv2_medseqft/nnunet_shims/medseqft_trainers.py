@@ -23,6 +23,8 @@ _NAMES: dict[str, str] = {
     "MedSeqFTPretrainTrainer_250epochs": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTPretrainTrainer_50epochs": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTPretrainTrainer_5epochs": "nnunetv2_medseqft.trainers.pretrain",
+    "MedSeqFTPretrainTrainer_cpu": "nnunetv2_medseqft.trainers.pretrain",
+    "MedSeqFTPretrainTrainer_cpuDemo": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTPretrainTrainer_tiny": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTRFTTrainer": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTRFTTrainer_tiny": "nnunetv2_medseqft.trainers.medseqft",

@@ -5,10 +5,11 @@ Sites differ in voxel spacing, resolution (blur), a smooth multiplicative attenu
 the pool sites; sequential tasks add the strongly shifted site C; unseen tasks come from site D,
 which appears nowhere else.
 
-Site C is a low-dose, sharp-kernel scanner with another calibration: heavy noise, little blur. MDS
-must find its cases unlike the pool, and noise is what masked reconstruction cannot predict; a
-blurred, low-contrast site would do the opposite (smooth images are easier to inpaint, so they get
-the LOWEST SSL loss).
+Site C is a low-dose protocol on a sharp reconstruction kernel from another vendor: about three times
+the pool's noise (organs stay visible to a reader), little blur, thicker slices and another
+calibration. MDS must find its cases unlike the pool, and noise is what masked reconstruction cannot
+predict; a blurred, low-contrast site would do the opposite (smooth images are easier to inpaint, so
+they get the LOWEST SSL loss).
 """
 
 from dataclasses import asdict, dataclass
@@ -43,7 +44,7 @@ SITES = {
     for s in (
         Site("siteA", (2.0, 2.0, 2.0), blur_mm=0.8, bias=0.0, scale=1.0, offset=0.0, noise=10.0),
         Site("siteB", (1.6, 1.6, 2.5), blur_mm=1.0, bias=0.02, scale=1.03, offset=-10.0, noise=16.0),
-        Site("siteC", (1.8, 1.8, 2.2), blur_mm=0.5, bias=0.08, scale=1.3, offset=60.0, noise=90.0),
+        Site("siteC", (1.8, 1.8, 2.6), blur_mm=0.5, bias=0.06, scale=1.15, offset=40.0, noise=40.0),
         Site("siteD", (1.8, 1.8, 3.2), blur_mm=1.4, bias=0.05, scale=1.15, offset=-40.0, noise=25.0),
     )
 }

@@ -1,0 +1,164 @@
+"""Scale benchmark (on demand, not in CI): does the CPU scale learn, does its foundation help, where is the plateau.
+
+Builds in --workdir (reusing what exists; every ``medseqft run`` resumes where it stopped):
+1. the generated data, the pool planned and the foundation pre-trained at --scale; its reconstruction
+   curve (the score nnU-Net logs per epoch) and pre-training minutes;
+2. the plateau: ``medseqft run --method parallel`` (full fine-tuning of M0 on every task) at each
+   --budgets epoch count (x the scale's iterations per epoch), on --fold;
+3. the pre-training gain: the same parallel FFT from a random initialisation of the same network
+   (nnU-Net's init, seeded), against FFT from M0, on the first --gain-tasks tasks, --gain-seeds seeds,
+   at --gain-budget epochs.
+Figures go to --figures (default: benchmarks/results/).
+
+The LAST line printed is a JSON object:
+  scale, fold, iterations_per_epoch
+  foundation_curve        reconstruction score (1 - MSE/MSE0 on masked voxels) per pre-training epoch
+  foundation_minutes      wall minutes of pre-training (nnU-Net's epoch timestamps)
+  plateau                 {epochs: {"mean": mean task Dice, "tasks": {dataset: Dice}, "train_minutes": ...}}
+  parallel_mean_dice      mean task Dice of parallel FFT at the scale's default budget
+  pretraining_gain_dice   mean over gain tasks and seeds of Dice(FFT from M0) - Dice(FFT from random init)
+  pretraining_gain        per seed and task: {"from_m0", "from_random"}
+
+``python benchmarks/bench_scale.py --workdir W`` (about 1 h on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_mds import POOL_ID, build_foundation, random_init_foundation, set_env  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, scale, seed: int, fold: str) -> dict:
+    """One ``medseqft run --method parallel``; returns {dataset: Dice of M_t} and its training minutes."""
+    from nnunetv2_medseqft.report import load_results
+    from nnunetv2_medseqft.run_layout import run_folder
+
+    cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli", "run", "--foundation", str(foundation), "--datasets", *tasks,
+           "--method", "parallel", "--name", name, "--seed", str(seed), "--fold", fold, "--device", "cpu",
+           "--epochs", str(epochs), "--iterations", str(scale.iterations), "--val-iterations", str(scale.val_iterations)]
+    print(f"== {name}", flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"{name} failed; re-run this benchmark to resume it.")
+    results = load_results(run_folder(name))
+    manifest = json.loads((Path(run_folder(name)) / "manifest.json").read_text())
+    train_s = sum(s.get("seconds") or 0 for k, s in manifest["steps"].items() if k.startswith("train/"))
+    return {"tasks": {d: results["scores"][d]["M"]["mean"]["dice"] for d in tasks},
+            "train_minutes": round(train_s / 60, 2)}
+
+
+def foundation_curve(foundation: Path) -> tuple[list[float], float]:
+    import torch
+
+    log = torch.load(foundation, map_location="cpu", weights_only=False)["logging"]
+    minutes = (log["epoch_end_timestamps"][-1] - log["epoch_start_timestamps"][0]) / 60
+    return [round(float(v), 4) for v in log["mean_fg_dice"]], round(minutes, 2)
+
+
+def plot(curve: list[float], plateau: dict, iterations: int, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(curve) + 1), curve, marker=".")
+    ax.set(xlabel="pre-training epoch", ylabel="reconstruction score (1 - MSE/MSE0)", title="Foundation M0")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "foundation_curve.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    budgets = sorted(plateau, key=int)
+    tasks = sorted({t for b in budgets for t in plateau[b]["tasks"]})
+    x = [int(b) * iterations for b in budgets]
+    for t in tasks:
+        ax.plot(x, [plateau[b]["tasks"].get(t) for b in budgets], marker="o", label=t.split("_", 1)[-1])
+    ax.plot(x, [plateau[b]["mean"] for b in budgets], marker="s", color="k", label="mean")
+    ax.set(xlabel="training iterations per task", ylabel="validation Dice", title="Parallel FFT from M0")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "plateau_curve.png", dpi=100)
+    plt.close(fig)
+    return [str(out / "foundation_curve.png"), str(out / "plateau_curve.png")]
+
+
+def main() -> None:
+    from nnunetv2_medseqft.scales import SCALES, get_scale
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--scale", default="cpu", choices=list(SCALES))
+    p.add_argument("--budgets", nargs="+", type=int, default=[16, 8, 4, 24], help="epochs per task, run in this order")
+    p.add_argument("--tasks", type=int, default=4)
+    p.add_argument("--fold", default="0")
+    p.add_argument("--gain-tasks", type=int, default=2)
+    p.add_argument("--gain-seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--gain-budget", type=int, default=None, help="epochs (default: the scale's)")
+    p.add_argument("--figures", default=str(RESULTS))
+    args = p.parse_args()
+    scale = get_scale(args.scale)
+    gain_budget = args.gain_budget or scale.epochs
+    workdir = Path(args.workdir).resolve()
+    set_env(workdir)
+    started = time.time()
+
+    f = build_foundation(workdir, scale, "cpu")
+    curve, f_minutes = foundation_curve(f)
+    tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
+    names = {}
+    plateau = {}
+    for e in args.budgets:
+        r = run_parallel(f, f"plateau-e{e}-s0", tasks, e, scale, 0, args.fold)
+        r["mean"] = statistics.mean(r["tasks"].values())
+        plateau[str(e)] = r
+        names.update(r["tasks"])
+    gain = {}
+    for seed in args.gain_seeds:
+        gain_tasks = tasks[:args.gain_tasks]
+        if seed == 0 and str(gain_budget) in plateau:
+            pre = plateau[str(gain_budget)]["tasks"]
+        else:
+            pre = run_parallel(f, f"pretrained-e{gain_budget}-s{seed}", gain_tasks, gain_budget, scale, seed,
+                               args.fold)["tasks"]
+        scratch = run_parallel(random_init_foundation(f, seed), f"scratch-e{gain_budget}-s{seed}", gain_tasks,
+                               gain_budget, scale, seed, args.fold)["tasks"]
+        gain[str(seed)] = {d: {"from_m0": pre[d], "from_random": scratch[d]} for d in gain_tasks}
+    diffs = [v["from_m0"] - v["from_random"] for per in gain.values() for v in per.values()]
+    figures = plot(curve, plateau, scale.iterations, Path(args.figures))
+
+    print(f"\nfoundation: {len(curve)} epochs in {f_minutes} min, reconstruction score {curve[0]} -> {curve[-1]} "
+          f"(best {max(curve)})")
+    print(f"\n| epochs x {scale.iterations} | " + " | ".join(t for t in tasks) + " | mean | train min |")
+    print("|---" * (len(tasks) + 3) + "|")
+    for e in sorted(plateau, key=int):
+        r = plateau[e]
+        print(f"| {e} | " + " | ".join(f"{r['tasks'][t]:.1f}" for t in tasks) + f" | {r['mean']:.1f} | "
+              f"{r['train_minutes']} |")
+    print("\npre-training gain (Dice from M0 - from random init):")
+    for seed, per in gain.items():
+        for d, v in per.items():
+            print(f"  seed {seed} {d}: {v['from_m0']:.1f} - {v['from_random']:.1f} = {v['from_m0'] - v['from_random']:+.1f}")
+    print(f"figures: {', '.join(figures)}; {(time.time() - started) / 60:.1f} min")
+    default = plateau.get(str(scale.epochs))
+    print(json.dumps({
+        "scale": scale.name, "fold": args.fold, "iterations_per_epoch": scale.iterations,
+        "foundation_curve": curve, "foundation_minutes": f_minutes, "plateau": plateau,
+        "parallel_mean_dice": round(default["mean"], 2) if default else None,
+        "pretraining_gain_dice": round(statistics.mean(diffs), 2) if diffs else None,
+        "pretraining_gain": gain, "gain_budget_epochs": gain_budget}))
+
+
+if __name__ == "__main__":
+    main()
