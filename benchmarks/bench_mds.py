@@ -63,8 +63,7 @@ def build_foundation(workdir: Path, scale, device: str, seed: int = 0, pretrain_
     if not any(raw.glob(f"Dataset{first_id}_*")):
         generate(raw, preset=scale.preset, seed=seed, first_id=first_id)
     if not any(pre.glob(f"Dataset{first_id}_*/{scale.plans_name}_3d_fullres")):
-        cmd = scale.plan_command(first_id)
-        sh([str(BIN / cmd[0])] + cmd[1:])
+        sh(scale.plan_pool_command(first_id))
     pattern = f"Dataset{first_id}_*/{trainer}__{scale.plans_name}__3d_fullres/fold_all/checkpoint_final.pth"
     if not any(res.glob(pattern)):
         sh([str(BIN / "nnUNetv2_train"), str(first_id), "3d_fullres", "all", "-tr", trainer, "-p", scale.plans_name,

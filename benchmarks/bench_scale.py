@@ -14,7 +14,8 @@ The LAST line printed is a JSON object:
   scale, fold, iterations_per_epoch
   foundation_curve        reconstruction score (1 - MSE/MSE0 on masked voxels) per pre-training epoch
   foundation_minutes      wall minutes of pre-training (nnU-Net's epoch timestamps)
-  plateau                 {epochs: {"mean": mean task Dice, "tasks": {dataset: Dice}, "train_minutes": ...}}
+  plateau                 {epochs: {"mean": mean task Dice, "tasks": {dataset: Dice}, "sites": {dataset: {site:
+                          Dice}}, "train_seconds": {dataset: s}, "train_minutes": total}}
   parallel_mean_dice      mean task Dice of parallel FFT at the scale's default budget
   pretraining_gain_dice   mean over gain tasks and seeds of Dice(FFT from M0) - Dice(FFT from random init)
   pretraining_gain        per seed and task: {"from_m0", "from_random"}
@@ -41,6 +42,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, scale, seed: int, fold: str) -> dict:
     """One ``medseqft run --method parallel``; returns {dataset: Dice of M_t} and its training minutes."""
+    from nnunetv2_medseqft.overlays import case_sites, dice_per_site
     from nnunetv2_medseqft.report import load_results
     from nnunetv2_medseqft.run_layout import run_folder
 
@@ -52,9 +54,12 @@ def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, sca
         raise SystemExit(f"{name} failed; re-run this benchmark to resume it.")
     results = load_results(run_folder(name))
     manifest = json.loads((Path(run_folder(name)) / "manifest.json").read_text())
-    train_s = sum(s.get("seconds") or 0 for k, s in manifest["steps"].items() if k.startswith("train/"))
-    return {"tasks": {d: results["scores"][d]["M"]["mean"]["dice"] for d in tasks},
-            "train_minutes": round(train_s / 60, 2)}
+    train_s = {k.split("/", 1)[1]: s.get("seconds") or 0 for k, s in manifest["steps"].items() if k.startswith("train/")}
+    scores, names = results["scores"], results["tasks"]  # dataset names, in the order of ``tasks``
+    return {"tasks": {d: scores[d]["M"]["mean"]["dice"] for d in names},
+            "sites": {d: dice_per_site(scores[d]["M"], case_sites(d)) for d in names},
+            "train_seconds": {d: round(v, 1) for d, v in train_s.items()},
+            "train_minutes": round(sum(train_s.values()) / 60, 2)}
 
 
 def foundation_curve(foundation: Path) -> tuple[list[float], float]:
@@ -117,13 +122,11 @@ def main() -> None:
     f = build_foundation(workdir, scale, "cpu")
     curve, f_minutes = foundation_curve(f)
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
-    names = {}
     plateau = {}
     for e in args.budgets:
         r = run_parallel(f, f"plateau-e{e}-s0", tasks, e, scale, 0, args.fold)
         r["mean"] = statistics.mean(r["tasks"].values())
         plateau[str(e)] = r
-        names.update(r["tasks"])
     gain = {}
     for seed in args.gain_seeds:
         gain_tasks = tasks[:args.gain_tasks]
@@ -134,17 +137,18 @@ def main() -> None:
                                args.fold)["tasks"]
         scratch = run_parallel(random_init_foundation(f, seed), f"scratch-e{gain_budget}-s{seed}", gain_tasks,
                                gain_budget, scale, seed, args.fold)["tasks"]
-        gain[str(seed)] = {d: {"from_m0": pre[d], "from_random": scratch[d]} for d in gain_tasks}
+        gain[str(seed)] = {d: {"from_m0": pre[d], "from_random": v} for d, v in scratch.items()}
     diffs = [v["from_m0"] - v["from_random"] for per in gain.values() for v in per.values()]
     figures = plot(curve, plateau, scale.iterations, Path(args.figures))
 
     print(f"\nfoundation: {len(curve)} epochs in {f_minutes} min, reconstruction score {curve[0]} -> {curve[-1]} "
           f"(best {max(curve)})")
-    print(f"\n| epochs x {scale.iterations} | " + " | ".join(t for t in tasks) + " | mean | train min |")
-    print("|---" * (len(tasks) + 3) + "|")
+    names = list(next(iter(plateau.values()))["tasks"]) if plateau else []
+    print(f"\n| epochs x {scale.iterations} | " + " | ".join(names) + " | mean | train min |")
+    print("|---" * (len(names) + 3) + "|")
     for e in sorted(plateau, key=int):
         r = plateau[e]
-        print(f"| {e} | " + " | ".join(f"{r['tasks'][t]:.1f}" for t in tasks) + f" | {r['mean']:.1f} | "
+        print(f"| {e} | " + " | ".join(f"{r['tasks'][t]:.1f}" for t in names) + f" | {r['mean']:.1f} | "
               f"{r['train_minutes']} |")
     print("\npre-training gain (Dice from M0 - from random init):")
     for seed, per in gain.items():

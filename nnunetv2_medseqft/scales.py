@@ -6,11 +6,12 @@ inherits them through ``medseqft plan``. Used by ``medseqft demo`` and the bench
 
 - ``tiny``: unit tests. nnU-Net's default planner on 32^3 images; the models do not learn in its budget.
 - ``cpu``: the benchmark scale on 2 CPU cores (``MedSeqFTCPUPlanner``: 8-64 features, 32^3 patch,
-  batch 2): a liver model learns (Dice > 80) in about 3 minutes, the foundation in about 13.
+  batch 2, on ~71x71x51 images: the small organs span enough voxels to be learned).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from nnunetv2_medseqft.errors import MedSeqFTError
@@ -28,8 +29,14 @@ class Scale:
     val_iterations: int
 
     def plan_command(self, dataset_id: int, processes: str = "2") -> list[str]:
+        """The stock command (``-pl`` needs ``medseqft register``: nnU-Net finds planners only in its own folder)."""
         cmd = ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", processes]
         return cmd + (["-pl", self.planner] if self.planner else [])
+
+    def plan_pool_command(self, dataset_id: int, processes: str = "2") -> list[str]:
+        """The same planning through nnU-Net's API with our planner class, so nothing needs registering."""
+        return [sys.executable, "-c", f"from nnunetv2_medseqft.scales import plan_pool; "
+                f"plan_pool({self.name!r}, {int(dataset_id)}, {int(processes)})"]
 
     def foundation_folder(self) -> str:
         """Model folder of the foundation inside the pool's results folder."""
@@ -45,6 +52,28 @@ SCALES = {
     # task budget: the plateau of parallel FFT (benchmarks/results/scale-*.txt)
     "cpu": Scale("cpu", "cpu", "MedSeqFTCPUPlanner", "MedSeqFTCPUPlans", "MedSeqFTPretrainTrainer_cpu", 16, 50, 5),
 }
+
+
+def plan_pool(scale: str, dataset_id: int, processes: int = 2) -> None:
+    """What ``nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres -pl PLANNER`` does, with the class itself."""
+    import importlib
+
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess
+
+    from nnunetv2_medseqft.registry import PLANNERS
+
+    s = get_scale(scale)
+    extract_fingerprints([dataset_id], num_processes=processes, check_dataset_integrity=False, clean=False,
+                         verbose=False)
+    if s.planner:
+        planner = getattr(importlib.import_module(PLANNERS[s.planner]), s.planner)(dataset_id)
+    else:
+        from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+        planner = ExperimentPlanner(dataset_id)
+    planner.plan_experiment()
+    preprocess([dataset_id], planner.plans_identifier, configurations=("3d_fullres",), num_processes=(processes,),
+               verbose=False)
 
 
 def get_scale(name: str) -> Scale:

@@ -66,7 +66,7 @@ def test_foundation_of_another_scale_is_refused_and_nothing_is_touched(nnunet, p
     assert proc.returncode == 2, proc.stderr
     assert "already planned as 'MedSeqFTPlans' with another network" in proc.stderr
     assert f"{CPU_PLANS_NAME}: PlainConvUNet, features {BASE_FEATURES}-{MAX_FEATURES}" in proc.stderr
-    assert "nnUNetPlans: PlainConvUNet, features 32-" in proc.stderr
+    assert "existing: MedSeqFTPlans: PlainConvUNet, features 32-" in proc.stderr
     assert "--plans-name MedSeqFTPlans_2" in proc.stderr
 
     proc = run(["nnUNetv2_train", str(FIRST_TASK_ID), "3d_fullres", "0", "-tr", "MedSeqFTFFTTrainer_tiny", "-p",

@@ -168,3 +168,22 @@ def test_out_dir_defaults_to_nnunet_raw(tmp_path, monkeypatch, capsys):
 def test_preview(tiny, tmp_path):
     png = write_preview([tiny[500], tiny[503]], tmp_path / "preview.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_preset_gives_every_fold_enough_validation_cases_from_both_kinds_of_site():
+    """nnU-Net's own 5-fold split (sorted case ids, seed 12345) of every task and unseen dataset at --preset cpu:
+    >= 5 validation cases in folds 0 and 1, and in the tasks both pool-site and shifted-site cases."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    from nnunetv2_medseqft.synth.datasets import PRESETS, TASKS, UNSEEN, case_sites
+    from nnunetv2_medseqft.synth.sites import POOL_SITES
+
+    n = PRESETS["cpu"].cases
+    for spec in (*TASKS, *UNSEEN):
+        sites = {f"{spec.key}_{i:03d}": s for i, s in enumerate(case_sites(spec, n))}
+        splits = generate_crossval_split(sorted(sites), seed=12345, n_splits=5)
+        for fold in (0, 1):
+            val = splits[fold]["val"]
+            assert len(val) >= 5, (spec.key, fold, val)
+            if spec.role == "task":
+                assert {sites[c] in POOL_SITES for c in val} == {True, False}, (spec.key, fold, val)

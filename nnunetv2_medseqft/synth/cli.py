@@ -29,7 +29,7 @@ def configure_parser(parser: argparse.ArgumentParser, name: str) -> None:
         choices=list(PRESETS),
         default="bench",
         help="tiny: 8 cases/dataset (16 pool), ~32^3 voxels, seconds (unit tests); "
-        "cpu: 25 cases/dataset (40 pool), ~40^3 voxels, the CPU benchmark scale (plan the pool with "
+        "cpu: 25 cases/dataset (40 pool), ~64^3 voxels, the CPU benchmark scale (plan the pool with "
         "-pl MedSeqFTCPUPlanner); bench: 24 cases/dataset (48 pool), ~64^3 voxels (default: bench)",
     )
     parser.add_argument("--seed", type=int, default=0, help="same seed => byte-identical files (default: 0)")

@@ -68,7 +68,7 @@ class Preset:
 
 # tiny: unit tests (seconds). cpu: the CPU benchmark scale (>= 5 validation cases in every 5-fold
 # split; learns within minutes with MedSeqFTCPUPlanner's plans). bench: GPU scale.
-PRESETS = {"tiny": Preset(8, 16, 64.0), "cpu": Preset(25, 40, 80.0), "bench": Preset(24, 48, 128.0)}
+PRESETS = {"tiny": Preset(8, 16, 64.0), "cpu": Preset(25, 40, 128.0), "bench": Preset(24, 48, 128.0)}
 DEFAULT_FIRST_ID = 500
 MAX_DRAWS = 20
 
