@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--gain-tasks", type=int, default=2)
     p.add_argument("--gain-seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--gain-budget", type=int, default=None, help="epochs (default: the scale's)")
+    p.add_argument("--pretrain-trainer", default=None, help="another foundation budget than the scale's")
     p.add_argument("--figures", default=str(RESULTS))
     args = p.parse_args()
     scale = get_scale(args.scale)
@@ -119,7 +120,7 @@ def main() -> None:
     set_env(workdir)
     started = time.time()
 
-    f = build_foundation(workdir, scale, "cpu")
+    f = build_foundation(workdir, scale, "cpu", pretrain_trainer=args.pretrain_trainer)
     curve, f_minutes = foundation_curve(f)
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
     plateau = {}
