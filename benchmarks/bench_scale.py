@@ -42,7 +42,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, scale, seed: int, fold: str) -> dict:
     """One ``medseqft run --method parallel``; returns {dataset: Dice of M_t} and its training minutes."""
-    from nnunetv2_medseqft.overlays import case_sites, dice_per_site
+    from nnunetv2_medseqft.mds import case_sites
+    from nnunetv2_medseqft.overlays import dice_per_site
     from nnunetv2_medseqft.report import load_results
     from nnunetv2_medseqft.run_layout import run_folder
 

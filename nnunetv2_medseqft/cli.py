@@ -25,7 +25,7 @@ SUBCOMMANDS = {
     "compare": ("nnunetv2_medseqft.report", "one table across methods and seeds (mean +- sd)"),
     "chain": ("nnunetv2_medseqft.chain", "pack a run's task models as LoRA deltas on the foundation, or unpack them"),
     "analyze": ("nnunetv2_medseqft.analysis", "loss landscapes and parameter variation of a run's task models"),
-    "demo": ("nnunetv2_medseqft.demo", "CPU-scale end-to-end demo (~10 min): data, foundation, medseqft vs seqfft vs parallel, report"),
+    "demo": ("nnunetv2_medseqft.demo", "CPU-scale end-to-end demo: data, foundation, medseqft vs seqfft vs parallel, report"),
 }
 
 

@@ -8,7 +8,6 @@ site that ``sites.json`` (written by ``medseqft synth``) names for every case.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -49,17 +48,6 @@ def plot_overlay(npz_path: str, png_path: str, title: str) -> str | None:
     fig.savefig(png_path, dpi=DPI)  # no bbox_inches: every figure has the same pixel size
     plt.close(fig)
     return png_path
-
-
-def case_sites(dataset: str) -> dict[str, str]:
-    """Case id -> acquisition site, from the raw dataset's ``sites.json`` (empty when there is none)."""
-    from nnunetv2.paths import nnUNet_raw
-
-    path = os.path.join(nnUNet_raw or "", dataset, "sites.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return dict(json.load(f).get("cases", {}))
 
 
 def dice_per_site(scores: dict, sites: dict[str, str]) -> dict[str, dict]:

@@ -13,7 +13,7 @@ import statistics
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.jsonio import read_json, write_json_atomic
-from nnunetv2_medseqft.overlays import case_sites, dice_per_site, overlay_file, plot_overlay
+from nnunetv2_medseqft.overlays import dice_per_site, overlay_file, plot_overlay
 from nnunetv2_medseqft.run_layout import RESULTS_FILE, resolve_run
 
 RESULTS_FORMAT = "medseqft-run-results/"
@@ -402,9 +402,14 @@ def _unseen_table(results: dict) -> str | None:
 
 
 def _site_table(results: dict) -> str | None:
+    from nnunetv2_medseqft.mds import case_sites
+
     body = []
     for task, models in (results.get("scores") or {}).items():
-        sites = case_sites(task)
+        try:
+            sites = case_sites(task)
+        except MedSeqFTError:  # the raw dataset is not on this machine: no per-site table
+            sites = {}
         for site, v in dice_per_site((models or {}).get("M") or {}, sites).items():
             body.append([task, site, str(v["cases"]), _fmt(v["dice"])])
     return _table(["Task", "Site", "Cases", "Dice"], body) if body else None

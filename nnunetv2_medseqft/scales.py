@@ -68,7 +68,9 @@ def plan_pool(scale: str, dataset_id: int, processes: int = 2) -> None:
     if s.planner:
         planner = getattr(importlib.import_module(PLANNERS[s.planner]), s.planner)(dataset_id)
     else:
-        from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+        from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
+            ExperimentPlanner,
+        )
 
         planner = ExperimentPlanner(dataset_id)
     planner.plan_experiment()
