@@ -71,8 +71,8 @@ def measured(args, workdir: Path, foundation: Path) -> dict:
     import torch
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    from nnunetv2_medseqft.chain import pack_run, same, unpack
-    from nnunetv2_medseqft.mds import fold_split
+    from nnunetv2_medseqft.paths import fold_split
+    from nnunetv2_medseqft.reports.chain_pack import pack_run, same, unpack
 
     cmd = [str(BIN / "medseqft"), "run", "--foundation", str(foundation), "--datasets", "501", "502", "--method",
            "medseqft", "--name", args.name, *RUN_ARGS]
@@ -148,8 +148,8 @@ def extrapolated(tiny_index: dict, rank: int, tasks: int = 10) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from nnunetv2_medseqft import lora
-    from nnunetv2_medseqft.chain import _save_safetensors, decode, dedup, encode
+    from nnunetv2_medseqft import adapters as lora
+    from nnunetv2_medseqft.reports.chain_pack import _save_safetensors, decode, dedup, encode
 
     net = default_network()
     n_params = sum(p.numel() for p in net.parameters())

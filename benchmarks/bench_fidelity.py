@@ -50,7 +50,7 @@ def run_method(args, f: Path, method: str, seed: int) -> str:
     unseen = [str(POOL_ID + 5 + i) for i in range(args.unseen)]
     if method == "scratch":  # parallel FFT from a random initialisation: no unseen tasks (nothing to transfer)
         f, method, unseen = random_init_foundation(f, seed), "parallel", []
-    cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli", "run", "--foundation", str(f), "--datasets", *tasks,
+    cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", str(f), "--datasets", *tasks,
            "--method", method, "--name", name, "--seed", str(seed), "--fold", args.fold, "--device", args.device,
            "--epochs", str(args.epochs), "--iterations", str(args.iterations), "--val-iterations",
            str(args.val_iterations), "--mds", f"repeats={args.mds_repeats}"]
@@ -106,8 +106,8 @@ def main() -> None:
     args.val_iterations = args.val_iterations or scale.val_iterations
     workdir = Path(args.workdir).resolve()
     set_env(workdir)
-    from nnunetv2_medseqft.report import compare_rows, load_results, markdown_table, write_report
-    from nnunetv2_medseqft.run_layout import run_folder
+    from nnunetv2_medseqft.reports.report import compare_rows, load_results, markdown_table, write_report
+    from nnunetv2_medseqft.sequence.layout import run_folder
 
     started = time.time()
     f = build_foundation(workdir, scale, args.device, pretrain_trainer=args.pretrain_trainer)
@@ -146,7 +146,7 @@ def _by_method(names: list[str]) -> dict:
 def _compute(run_names: list[str], iterations_per_training: int) -> dict:
     """Per seed: training iterations (stage A + B: MedSeqFT takes both out of one budget; a shared M0 reference
     counts for the run that trained it) and minutes, from the run's manifest (train steps, and all steps)."""
-    from nnunetv2_medseqft.run_layout import run_folder
+    from nnunetv2_medseqft.sequence.layout import run_folder
 
     per = []
     for n in run_names:

@@ -40,7 +40,7 @@ def sh(cmd: list[str]) -> None:
 
 def set_env(workdir: Path) -> None:
     """nnU-Net reads these at call time; subprocesses inherit them."""
-    from nnunetv2_medseqft.discovery import shim_dir
+    from nnunetv2_medseqft.plugin.discovery import shim_dir
 
     os.environ.update(
         nnUNet_raw=str(workdir / "nnUNet_raw"), nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
@@ -80,8 +80,8 @@ def random_init_foundation(foundation: Path, seed: int = 0) -> Path:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2_medseqft.trainers.pretrain import MedSeqFTPretrainTrainer
 
-    from nnunetv2_medseqft.checkpointing import atomic_torch_save
-    from nnunetv2_medseqft.foundation import load_foundation
+    from nnunetv2_medseqft.checkpoints import atomic_torch_save
+    from nnunetv2_medseqft.method.foundation import load_foundation
 
     out = foundation.parent / f"random_init_s{seed}.pth"
     if not out.is_file():
@@ -114,7 +114,7 @@ def build(args, workdir: Path) -> tuple[str, Path]:
     plans = pre / task / f"{args.plans_name}.json"
     recorded = json.loads(plans.read_text()).get("medseqft", {}).get("foundation", {}) if plans.is_file() else {}
     if recorded.get("path") != str(foundation.resolve()) or not (pre / task / f"{args.plans_name}_3d_fullres").is_dir():
-        sh([sys.executable, "-m", "nnunetv2_medseqft.cli", "plan", "-d", str(task_id), "--foundation", str(foundation),
+        sh([sys.executable, "-m", "nnunetv2_medseqft.cli.main", "plan", "-d", str(task_id), "--foundation", str(foundation),
             "--plans-name", args.plans_name])
     return task, foundation
 
@@ -127,8 +127,9 @@ def throughput(task: str, fold, plans_name: str, settings, device: str, rounds: 
 
     import torch
 
-    from nnunetv2_medseqft.mds import SSLScorer, prepare, score
-    from nnunetv2_medseqft.ssl import block_mask, mask_input
+    from nnunetv2_medseqft.method.buffer import prepare
+    from nnunetv2_medseqft.method.mds import SSLScorer, score
+    from nnunetv2_medseqft.method.ssl import block_mask, mask_input
 
     dpb = settings.draws_per_batch
     inputs = prepare(task, fold, plans_name, settings=dataclasses.replace(settings, repeats=2 * dpb),
@@ -180,8 +181,9 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_mds_")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     set_env(workdir)
-    from nnunetv2_medseqft.mds import case_sites, select_buffer
-    from nnunetv2_medseqft.mds_settings import MDSSettings
+    from nnunetv2_medseqft.method.buffer import select_buffer
+    from nnunetv2_medseqft.method.settings import MDSSettings
+    from nnunetv2_medseqft.paths import case_sites
 
     task, foundation = build(args, workdir)
     base = MDSSettings(seed=args.seed)

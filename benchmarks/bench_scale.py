@@ -42,12 +42,12 @@ RESULTS = Path(__file__).parent / "results"
 
 def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, scale, seed: int, fold: str) -> dict:
     """One ``medseqft run --method parallel``; returns {dataset: Dice of M_t} and its training minutes."""
-    from nnunetv2_medseqft.mds import case_sites
-    from nnunetv2_medseqft.overlays import dice_per_site
-    from nnunetv2_medseqft.report import load_results
-    from nnunetv2_medseqft.run_layout import run_folder
+    from nnunetv2_medseqft.paths import case_sites
+    from nnunetv2_medseqft.reports.overlays import dice_per_site
+    from nnunetv2_medseqft.reports.report import load_results
+    from nnunetv2_medseqft.sequence.layout import run_folder
 
-    cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli", "run", "--foundation", str(foundation), "--datasets", *tasks,
+    cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", str(foundation), "--datasets", *tasks,
            "--method", "parallel", "--name", name, "--seed", str(seed), "--fold", fold, "--device", "cpu",
            "--epochs", str(epochs), "--iterations", str(scale.iterations), "--val-iterations", str(scale.val_iterations)]
     print(f"== {name}", flush=True)

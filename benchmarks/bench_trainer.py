@@ -78,7 +78,7 @@ def child(args) -> None:
 def merge_diff(trainer, batch) -> float:
     import torch
 
-    from nnunetv2_medseqft import lora
+    from nnunetv2_medseqft import adapters as lora
 
     branch = lora.add_lora(copy.deepcopy(trainer.teacher_prev).requires_grad_(True), trainer.rft.lora_rank,
                            trainer.rft.lora_alpha, trainer.rft.lora_targets, merged_weight_forward=False)

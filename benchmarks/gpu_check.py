@@ -18,9 +18,9 @@ import time
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from nnunetv2_medseqft import lora
-from nnunetv2_medseqft.distill import FeatureTaps, feature_distance
-from nnunetv2_medseqft.rft_settings import RFTSettings
+from nnunetv2_medseqft import adapters as lora
+from nnunetv2_medseqft.method.distill import FeatureTaps, feature_distance
+from nnunetv2_medseqft.method.settings import RFTSettings
 
 
 def build(n_classes=3):

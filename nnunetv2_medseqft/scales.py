@@ -60,7 +60,7 @@ def plan_pool(scale: str, dataset_id: int, processes: int = 2) -> None:
 
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess
 
-    from nnunetv2_medseqft.registry import PLANNERS
+    from nnunetv2_medseqft.plugin.registry import PLANNERS
 
     s = get_scale(scale)
     extract_fingerprints([dataset_id], num_processes=processes, check_dataset_integrity=False, clean=False,

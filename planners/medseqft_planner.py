@@ -7,7 +7,8 @@ settings. The preprocessor stays nnU-Net's DefaultPreprocessor, so stock ``nnUNe
 works on every result.
 
 Stock route: ``MEDSEQFT_FOUNDATION=/path/checkpoint_final.pth nnUNetv2_plan_and_preprocess -d D
--pl MedSeqFTPlanner -c 3d_fullres`` (after ``medseqft register``); or ``medseqft plan``.
+-pl MedSeqFTPlanner -c 3d_fullres`` (after ``medseqft register``), which also leaves the MDS buffer of
+every fold (``mds_hook.py``); or ``medseqft plan``.
 """
 
 from __future__ import annotations
@@ -20,35 +21,20 @@ import shutil
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.paths import nnUNet_preprocessed
-from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
+from nnunetv2_medseqft.planners.mds_hook import is_stock_plan_and_preprocess, schedule_buffers
 
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.foundation import (
+from nnunetv2_medseqft.method.foundation import (
     Foundation,
     architecture_mismatches,
+    check_channels,
     describe_network,
     load_foundation,
 )
-from nnunetv2_medseqft.mds_settings import MDSSettings
+from nnunetv2_medseqft.method.settings import MDSSettings
 
 FOUNDATION_ENV = "MEDSEQFT_FOUNDATION"
 DEFAULT_PLANS_NAME = "MedSeqFTPlans"
-
-
-def check_channels(foundation: Foundation, dataset_json: dict, dataset_name: str) -> None:
-    """Same channel count and the same normalisation per channel as the foundation's pool."""
-    ours = dataset_json.get("channel_names") or dataset_json.get("modality") or {}
-    theirs = foundation.dataset_json.get("channel_names") or foundation.dataset_json.get("modality") or {}
-    if len(ours) != len(theirs):
-        raise MedSeqFTError(
-            f"{dataset_name} has {len(ours)} input channel(s) {dict(ours)} but the foundation {foundation.path} "
-            f"was pre-trained on {len(theirs)} {dict(theirs)}. Use a foundation pre-trained on the same channels.")
-    for key in sorted(theirs, key=int):
-        a, b = get_normalization_scheme(ours[key]), get_normalization_scheme(theirs[key])
-        if a is not b:
-            raise MedSeqFTError(
-                f"Channel {key} of {dataset_name} is '{ours[key]}' ({a.__name__}) but the foundation's is "
-                f"'{theirs[key]}' ({b.__name__}): the modality differs. Use a foundation pre-trained on this modality.")
 
 
 def check_replan(foundation: Foundation, dataset_name: str, plans_name: str) -> None:
@@ -121,4 +107,6 @@ class MedSeqFTPlanner(ExperimentPlanner):
                                             self.determine_reader_writer().__name__, self.mds)
         self.plans = plans
         self.save_plans(plans)
+        if is_stock_plan_and_preprocess():
+            schedule_buffers(self.dataset_name, plans)
         return plans

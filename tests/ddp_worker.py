@@ -13,7 +13,7 @@ def main(task: str, foundation: str, out: str) -> None:
     dist.init_process_group("gloo")
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    from nnunetv2_medseqft.checkpointing import load_checkpoint_file, unwrap
+    from nnunetv2_medseqft.checkpoints import load_checkpoint_file, unwrap
 
     t = get_trainer_from_args(task, "3d_fullres", 4, "MedSeqFTTrainer_tiny", "MedSeqFTPlans", device=torch.device("cpu"))
     # what -pretrained_weights does; nnU-Net's own loader maps to CUDA whenever a process group exists

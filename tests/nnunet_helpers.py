@@ -30,7 +30,7 @@ class NnunetFolders:
         return self.root / "nnUNet_results"
 
     def env(self) -> dict:
-        from nnunetv2_medseqft.discovery import shim_dir
+        from nnunetv2_medseqft.plugin.discovery import shim_dir
 
         env = dict(os.environ)
         env.update(

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_medseqft import analysis, chain
 from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.reports import analysis, landscape
+from nnunetv2_medseqft.reports import chain_pack as chain
 
 NAME = "t-medseqft"  # the session fixture medseqft_run (conftest.py)
 TASK_NAMES = ["Dataset501_MSFTLiver", "Dataset502_MSFTSpleen"]
@@ -92,7 +93,7 @@ def test_directions_are_filter_normalised_and_skip_biases_and_norms():
     assert all(torch.equal(raw[n], raw2[n]) for n in raw)
     name = next(iter(d))
     assert not torch.allclose(analysis.filter_normalised(other, raw2)[name], d[name])
-    perturbed = analysis._Perturbed(net, [d])
+    perturbed = landscape._Perturbed(net, [d])
     perturbed.set(0.7)
     assert all(torch.equal(p, params[n]) for n, p in net.named_parameters() if n not in d)
     assert not torch.equal(dict(net.named_parameters())[name], perturbed.origin[name])
@@ -210,7 +211,7 @@ def test_pack_missing_a_task_is_refused(packed, tiny_foundation, tmp_path):
 
 
 def test_other_foundation_is_refused_naming_both_hashes(packed, tiny_foundation, tmp_path):
-    from nnunetv2_medseqft.checkpointing import sha256_file
+    from nnunetv2_medseqft.checkpoints import sha256_file
 
     other = tmp_path / "other.pth"
     other.write_bytes(tiny_foundation.read_bytes() + b"\0")

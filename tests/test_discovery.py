@@ -20,10 +20,10 @@ import sys
 import nnunetv2
 import pytest
 
-from nnunetv2_medseqft import discovery
-from nnunetv2_medseqft.cli import main
+from nnunetv2_medseqft.cli.main import main
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.registry import PLANNERS, TRAINERS
+from nnunetv2_medseqft.plugin import discovery
+from nnunetv2_medseqft.plugin.registry import PLANNERS, TRAINERS
 
 REAL_TRAINER = "MedSeqFTPretrainTrainer"  # must exist in nnunetv2_medseqft.trainers.pretrain
 FAKE_PKG = "medseqft_fakeplug"  # a stand-in plugin, to test the mechanism independently of the registry
@@ -265,7 +265,7 @@ def test_committed_ext_shim_is_current():
     path = os.path.join(discovery.shim_dir(), discovery.EXT_SHIM_FILENAME)
     with open(path, encoding="utf-8") as f:
         assert f.read() == discovery.shim_source(TRAINERS), (
-            "regenerate it: python -c 'from nnunetv2_medseqft import discovery as d, registry as r; "
+            "regenerate it: python -c 'from nnunetv2_medseqft.plugin import discovery as d, registry as r; "
             "open(d.shim_dir() + \"/\" + d.EXT_SHIM_FILENAME, \"w\").write(d.shim_source(r.TRAINERS))'")
 
 

@@ -7,11 +7,11 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_medseqft import lora
-from nnunetv2_medseqft.distill import FeatureTaps, feature_distance
+from nnunetv2_medseqft import adapters as lora
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.foundation import load_foundation
-from nnunetv2_medseqft.rft_settings import RFTSettings
+from nnunetv2_medseqft.method.distill import FeatureTaps, feature_distance
+from nnunetv2_medseqft.method.foundation import load_foundation
+from nnunetv2_medseqft.method.settings import RFTSettings
 
 TARGETS = RFTSettings().lora_targets
 

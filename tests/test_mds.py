@@ -19,16 +19,9 @@ import pytest
 import torch
 
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.mds import (
-    CaseStream,
-    buffer_file_path,
-    load_buffer,
-    prepare,
-    score,
-    select_buffer,
-    summary_table,
-)
-from nnunetv2_medseqft.mds_settings import MDSSettings
+from nnunetv2_medseqft.method.buffer import buffer_file_path, load_buffer, prepare, select_buffer
+from nnunetv2_medseqft.method.mds import CaseStream, score, summary_table
+from nnunetv2_medseqft.method.settings import MDSSettings
 
 CHEAP = MDSSettings(k=2, repeats=2, draws_per_batch=2)  # one forward of 2 patches per case
 
@@ -171,7 +164,7 @@ def test_site_precision(fold_all):
 
 
 def test_cli_select(work, capsys):
-    from nnunetv2_medseqft import select_cli
+    from nnunetv2_medseqft.cli import select as select_cli
 
     parser = argparse.ArgumentParser()
     select_cli.configure_parser(parser, "select")
@@ -211,8 +204,8 @@ def _save_as_if_on_cuda(obj, path) -> None:
 
 
 def test_cuda_saved_foundation_loads_on_cpu(work, tiny_foundation, tmp_path):
-    from nnunetv2_medseqft.foundation import load_foundation
-    from nnunetv2_medseqft.mds import SSLScorer
+    from nnunetv2_medseqft.method.foundation import load_foundation
+    from nnunetv2_medseqft.method.mds import SSLScorer
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")

@@ -15,8 +15,8 @@ from nnunet_helpers import BIN, run
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from nnunetv2_medseqft import lora
-from nnunetv2_medseqft.checkpointing import sha256_file
+from nnunetv2_medseqft import adapters as lora
+from nnunetv2_medseqft.checkpoints import sha256_file
 
 TRAINER = "MedSeqFTTrainer_tiny"
 

@@ -7,9 +7,9 @@ import torch
 from conftest import FIRST_TASK_ID
 from nnunet_helpers import run, run_python
 
-from nnunetv2_medseqft.checkpointing import sha256_file
+from nnunetv2_medseqft.checkpoints import sha256_file
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.foundation import ARCHITECTURE_FIELDS, architecture_mismatches, load_foundation
+from nnunetv2_medseqft.method.foundation import ARCHITECTURE_FIELDS, architecture_mismatches, load_foundation
 
 
 def test_plans_identical_to_foundation_in_architecture_fields(planned_task, tiny_foundation):
@@ -64,7 +64,7 @@ def test_missing_and_corrupt_foundation(tmp_path):
 
 def test_channel_mismatch_is_refused(nnunet, tiny_foundation, tmp_path):
     """A dataset with two channels (or another modality) cannot use a one-channel CT foundation."""
-    from nnunetv2_medseqft.planners.medseqft_planner import check_channels
+    from nnunetv2_medseqft.method.foundation import check_channels
 
     foundation = load_foundation(str(tiny_foundation))
     with pytest.raises(MedSeqFTError, match="2 input channel"):
@@ -76,3 +76,25 @@ def test_channel_mismatch_is_refused(nnunet, tiny_foundation, tmp_path):
 def test_plan_cli_unknown_dataset(nnunet, tiny_foundation):
     proc = run(["medseqft", "plan", "-d", "987", "--foundation", str(tiny_foundation)], nnunet, check=False)
     assert proc.returncode == 2 and "Unknown dataset 987" in proc.stderr
+
+
+def test_stock_plan_and_preprocess_leaves_mds_buffers(planned_task, tiny_foundation, monkeypatch):
+    """``nnUNetv2_plan_and_preprocess -pl MedSeqFTPlanner`` ends with the buffers of the chosen folds next to
+    splits_final.json, valid for medseqft select and the trainers (same key: they reuse them)."""
+    from nnunetv2_medseqft.method.buffer import load_buffer
+
+    nnunet, plans = planned_task.folders, "MedSeqFTPlans_stock"
+    monkeypatch.setenv("MEDSEQFT_FOUNDATION", str(tiny_foundation))
+    monkeypatch.setenv("MEDSEQFT_MDS_FOLDS", "0 1")
+    run(["medseqft", "register"], nnunet)  # -pl needs the planner shim in nnunetv2's folder
+    out = run(["nnUNetv2_plan_and_preprocess", "-d", str(FIRST_TASK_ID), "-pl", "MedSeqFTPlanner", "-c", "3d_fullres",
+               "-np", "2", "-overwrite_plans_name", plans], nnunet).stdout
+    assert "MDS buffers" in out
+    for var, folder in (("nnUNet_raw", nnunet.raw), ("nnUNet_preprocessed", nnunet.preprocessed),
+                        ("nnUNet_results", nnunet.results)):
+        monkeypatch.setenv(var, str(folder))
+    for fold in (0, 1):
+        record = load_buffer(planned_task.dataset_name, fold, plans)  # raises when missing or made with other inputs
+        assert len(record["buffer"]) == record["k"] >= 1
+        assert set(record["buffer"]) <= set(record["key"]["training_cases"])
+    assert not (planned_task.preprocessed / f"mds_buffer__{plans}__3d_fullres__fold2.json").exists()

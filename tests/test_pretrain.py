@@ -9,7 +9,7 @@ from conftest import FIRST_TASK_ID, POOL_ID
 from nnunet_helpers import run, run_python
 
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.ssl import SSLSettings
+from nnunetv2_medseqft.method.ssl import SSLSettings
 
 
 def test_reconstruction_loss_decreases(tiny_foundation):

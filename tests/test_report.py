@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_medseqft import report
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.run_layout import RESULTS_FILE, resolve_run
+from nnunetv2_medseqft.reports import report
+from nnunetv2_medseqft.sequence.layout import RESULTS_FILE, resolve_run
 
 TASKS = ["Dataset501_MSFTLiver", "Dataset502_MSFTSpleen"]
 UNSEEN = ["Dataset505_MSFTLiverLesion", "Dataset506_MSFTStomach"]

@@ -51,7 +51,7 @@ def test_bad_run_name_and_method(nnunet, tiny_foundation):
 
 def test_manifest_refuses_other_settings_newer_format_and_survives_a_full_disk(tmp_path, monkeypatch):
     from nnunetv2_medseqft import jsonio
-    from nnunetv2_medseqft.manifest import Manifest
+    from nnunetv2_medseqft.sequence.manifest import Manifest
 
     folder = str(tmp_path / "run")
     m = Manifest.open(folder, "r1", {"method": "medseqft", "seed": 0}, "medseqft run ...")
@@ -79,9 +79,9 @@ def test_manifest_refuses_other_settings_newer_format_and_survives_a_full_disk(t
 
 
 def test_lock_keeps_a_second_process_off_the_run(tmp_path):
-    from nnunetv2_medseqft.manifest import RunLock
+    from nnunetv2_medseqft.sequence.manifest import RunLock
 
-    holder = subprocess.Popen([str(BIN / "python"), "-c", "import sys, time; from nnunetv2_medseqft.manifest import "
+    holder = subprocess.Popen([str(BIN / "python"), "-c", "import sys, time; from nnunetv2_medseqft.sequence.manifest import "
                                "RunLock; l = RunLock(sys.argv[1]).__enter__(); print('locked', flush=True); "
                                "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

@@ -3,7 +3,13 @@
 import numpy as np
 import torch
 
-from nnunetv2_medseqft.ssl import SSLSettings, block_mask, mask_input, masked_mse_per_sample, random_patch
+from nnunetv2_medseqft.method.ssl import (
+    SSLSettings,
+    block_mask,
+    mask_input,
+    masked_mse_per_sample,
+    random_patch,
+)
 
 
 def test_block_mask_ratio_blocks_and_seed():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_medseqft import cli
+from nnunetv2_medseqft.cli import main as cli
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.synth import default_datasets, generate
 from nnunetv2_medseqft.synth.datasets import resolve_out_dir

@@ -14,12 +14,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2_medseqft.trainers.steps import backward_and_step
 
-from nnunetv2_medseqft.checkpointing import MedSeqFTCheckpointMixin
-from nnunetv2_medseqft.plans_checks import require_3d_configuration
-from nnunetv2_medseqft.ssl import SSLSettings, masked_mse_per_sample, random_patch, ssl_losses
-from nnunetv2_medseqft.train_steps import backward_and_step
-from nnunetv2_medseqft.trainer_variants import budget_variant
+from nnunetv2_medseqft.checkpoints import MedSeqFTCheckpointMixin
+from nnunetv2_medseqft.method.foundation import require_3d_configuration
+from nnunetv2_medseqft.method.ssl import (
+    SSLSettings,
+    build_ssl_network,
+    masked_mse_per_sample,
+    random_patch,
+    ssl_losses,
+)
+from nnunetv2_medseqft.plugin.variants import budget_variant
 
 # fixed seed for validation masks and patches: epochs are then compared on the same draws
 VALIDATION_SEED = 20251
@@ -40,8 +46,7 @@ class MedSeqFTPretrainTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                    num_output_channels, enable_deep_supervision=True):
         # reconstruct every input channel, whatever the pool's labels are
-        return nnUNetTrainer.build_network_architecture(
-            plans_manager, configuration_manager, num_input_channels, num_input_channels, False)
+        return build_ssl_network(plans_manager, configuration_manager, num_input_channels)
 
     def _build_loss(self):
         return masked_mse_per_sample  # not nnU-Net's Dice+CE: called explicitly in the steps below

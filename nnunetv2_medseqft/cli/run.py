@@ -1,0 +1,48 @@
+"""``medseqft run`` and ``medseqft evaluate``: the command lines of ``sequence.runner``."""
+
+from __future__ import annotations
+
+from nnunetv2_medseqft.sequence.recipes import METHODS
+from nnunetv2_medseqft.sequence.request import request_from_args
+from nnunetv2_medseqft.sequence.runner import evaluate_run, run_sequence
+
+
+def _evaluate_cmd(args) -> int:
+    evaluate_run(args.run)
+    return 0
+
+
+def run(args) -> int:
+    run_sequence(request_from_args(args))
+    return 0
+
+
+def configure_parser(parser, name: str) -> None:
+    if name == "evaluate":
+        parser.add_argument("run", metavar="RUN", help="run name (under $nnUNet_results/medseqft_runs) or folder")
+        parser.set_defaults(func=_evaluate_cmd)
+        return
+    parser.add_argument("--foundation", required=True, help="foundation checkpoint_final.pth (MedSeqFTPretrainTrainer)")
+    parser.add_argument("--datasets", nargs="+", required=True, help="dataset ids or names, in task order")
+    parser.add_argument("--unseen", nargs="*", default=[], help="unseen datasets for the transfer test")
+    parser.add_argument("--method", default="medseqft", choices=sorted(METHODS),
+                        help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
+    parser.add_argument("--name", required=True, help="run name: results under $nnUNet_results/medseqft_runs/NAME")
+    parser.add_argument("--fold", default="0", help="fold of nnU-Net's 5-fold split (default 0) or 'all'")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the run (MDS draws, random buffer, head init)")
+    parser.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per training (default: nnU-Net's 1000)")
+    parser.add_argument("--iterations", type=int, default=None, help="iterations per epoch (default: 250)")
+    parser.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch (50)")
+    parser.add_argument("--rft", nargs="*", metavar="KEY=VALUE",
+                        help="K&G RFT settings, e.g. lambda_g=0.5 lora_rank=4 (see README, Settings)")
+    parser.add_argument("--mds", nargs="*", metavar="KEY=VALUE", help="MDS settings, e.g. repeats=64 k=4")
+    parser.add_argument("--mirror", action="store_true", help="evaluate with test-time mirroring (8x slower in 3D)")
+    parser.add_argument("--nnunet-validation", action="store_true",
+                        help="also run nnU-Net's own final validation after each training (the run scores every "
+                             "model itself, so it is off by default)")
+    parser.add_argument("-device", "--device", default="cpu", choices=("cpu", "cuda", "mps"),
+                        help="device for training and evaluation (default cpu)")
+    parser.add_argument("--union-id", type=int, default=None,
+                        help="multitask: dataset id for the union dataset (default: the highest free id)")
+    parser.set_defaults(func=run)

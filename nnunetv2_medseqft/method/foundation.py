@@ -1,0 +1,128 @@
+"""The foundation model M0: an nnU-Net checkpoint written by MedSeqFTPretrainTrainer (body + SSL head + SSL settings)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_medseqft.checkpoints import load_checkpoint_file, sha256_file
+from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.method.ssl import SSLSettings, build_ssl_network
+
+# the architecture-defining fields of a configuration: equal in foundation and downstream plans,
+# so that weights transfer unchanged
+ARCHITECTURE_FIELDS = ("patch_size", "spacing", "architecture", "normalization_schemes", "use_mask_for_norm",
+                       "preprocessor_name", "resampling_fn_data", "resampling_fn_data_kwargs")
+
+
+@dataclass
+class Foundation:
+    path: str
+    sha256: str
+    checkpoint: dict
+    ssl: SSLSettings
+
+    @property
+    def plans(self) -> dict:
+        return self.checkpoint["init_args"]["plans"]
+
+    @property
+    def configuration(self) -> str:
+        return self.checkpoint["init_args"]["configuration"]
+
+    @property
+    def dataset_json(self) -> dict:
+        return self.checkpoint["init_args"]["dataset_json"]
+
+    @property
+    def num_input_channels(self) -> int:
+        return int(self.checkpoint["medseqft"]["num_input_channels"])
+
+    def provenance(self) -> dict:
+        """What a downstream plans file / checkpoint records about its foundation."""
+        return {"path": self.path, "sha256": self.sha256, "trainer_name": self.checkpoint["trainer_name"],
+                "configuration": self.configuration, "plans_name": self.plans.get("plans_name"),
+                "ssl": self.ssl.to_dict()}
+
+    def build_ssl_network(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """The foundation network with its reconstruction head, weights loaded, in eval mode."""
+        pm = PlansManager(copy.deepcopy(self.plans))
+        net = build_ssl_network(pm, pm.get_configuration(self.configuration), self.num_input_channels)
+        net.load_state_dict(self.checkpoint["network_weights"])
+        return net.to(device).eval()
+
+
+def load_foundation(path: str) -> Foundation:
+    """Load and check a foundation checkpoint. A plain segmentation checkpoint is refused: it has no SSL head."""
+    path = os.path.abspath(path)
+    ckpt = load_checkpoint_file(path, what="foundation checkpoint")
+    section = ckpt.get("medseqft") or {}
+    if section.get("role") != "foundation" or "ssl" not in section:
+        raise MedSeqFTError(
+            f"{path} is not a MedSeqFT foundation: it carries no SSL head/settings (trainer "
+            f"'{ckpt.get('trainer_name')}'). Use a checkpoint written by MedSeqFTPretrainTrainer "
+            f"(nnUNetv2_train POOL 3d_fullres all -tr MedSeqFTPretrainTrainer).")
+    return Foundation(path=path, sha256=sha256_file(path), checkpoint=ckpt, ssl=SSLSettings.from_dict(section["ssl"]))
+
+
+def check_channels(foundation: Foundation, dataset_json: dict, dataset_name: str) -> None:
+    """Same channel count and the same normalisation per channel as the foundation's pool."""
+    from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import (
+        get_normalization_scheme,
+    )
+
+    ours = dataset_json.get("channel_names") or dataset_json.get("modality") or {}
+    theirs = foundation.dataset_json.get("channel_names") or foundation.dataset_json.get("modality") or {}
+    if len(ours) != len(theirs):
+        raise MedSeqFTError(
+            f"{dataset_name} has {len(ours)} input channel(s) {dict(ours)} but the foundation {foundation.path} "
+            f"was pre-trained on {len(theirs)} {dict(theirs)}. Use a foundation pre-trained on the same channels.")
+    for key in sorted(theirs, key=int):
+        a, b = get_normalization_scheme(ours[key]), get_normalization_scheme(theirs[key])
+        if a is not b:
+            raise MedSeqFTError(
+                f"Channel {key} of {dataset_name} is '{ours[key]}' ({a.__name__}) but the foundation's is "
+                f"'{theirs[key]}' ({b.__name__}): the modality differs. Use a foundation pre-trained on this modality.")
+
+
+
+def architecture_mismatches(plans_a: dict, config_a: str, plans_b: dict, config_b: str) -> list[str]:
+    """Names of architecture fields that differ between two plans' configurations (empty: weights transfer)."""
+    ca = PlansManager(copy.deepcopy(plans_a)).get_configuration(config_a).configuration
+    cb = PlansManager(copy.deepcopy(plans_b)).get_configuration(config_b).configuration
+    return [f for f in ARCHITECTURE_FIELDS if ca.get(f) != cb.get(f)]
+
+
+def describe_network(plans: dict, configuration: str) -> str:
+    """'MedSeqFTCPUPlans: PlainConvUNet, features 8-64, patch 32x32x32': what a reader needs to tell two scales apart."""
+    cfg = plans.get("configurations", {}).get(configuration, {})
+    arch = cfg.get("architecture", {})
+    features = arch.get("arch_kwargs", {}).get("features_per_stage") or [None]
+    patch = "x".join(str(v) for v in cfg.get("patch_size", []))
+    return (f"{plans.get('plans_name')}: {str(arch.get('network_class_name', '?')).rsplit('.', 1)[-1]}, "
+            f"features {features[0]}-{features[-1]}, patch {patch}")
+
+
+def require_3d_configuration(plans: dict, configuration: str, trainer_name: str) -> None:
+    """MedSeqFT works on 3D patches: the configuration must exist and be 3D."""
+    configs = plans.get("configurations", {})
+    if configuration not in configs:
+        raise MedSeqFTError(
+            f"{trainer_name}: the plans '{plans.get('plans_name', '?')}' of {plans.get('dataset_name', '?')} have no "
+            f"configuration '{configuration}' (available: {sorted(configs)}). MedSeqFT needs a 3D configuration: "
+            f"use 3d_fullres, and if the plans lack it, check that the images are 3D and re-run "
+            f"nnUNetv2_plan_and_preprocess -c 3d_fullres.")
+    # resolve inheritance ('inherits_from') the way nnU-Net does, for the patch size
+    cfg, seen = configs[configuration], {configuration}
+    while "patch_size" not in cfg and cfg.get("inherits_from") and cfg["inherits_from"] not in seen:
+        seen.add(cfg["inherits_from"])
+        cfg = {**configs[cfg["inherits_from"]], **cfg, "inherits_from": configs[cfg["inherits_from"]].get("inherits_from")}
+    patch = cfg.get("patch_size", [])
+    if len(patch) != 3:
+        raise MedSeqFTError(
+            f"{trainer_name}: configuration '{configuration}' has a {len(patch)}D patch size {patch}; "
+            f"MedSeqFT needs 3D patches. Use 3d_fullres.")

@@ -1,0 +1,103 @@
+"""The method's settings, typed and JSON round-tripping (plans sections, checkpoints, buffer files):
+``MDSSettings`` (buffer selection, plans' ``medseqft.mds``) and ``RFTSettings`` (the task step, stage A
+FFT and stage B K&G RFT, plans' ``medseqft.rft``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from nnunetv2_medseqft.errors import MedSeqFTError
+
+
+class JsonSettings:
+    """Mixin for frozen dataclasses: ``to_dict`` / ``from_dict`` that refuses unknown keys (typos)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise MedSeqFTError(f"Unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class MDSSettings(JsonSettings):
+    """k: buffer size (absolute); when None, k = max(min_k, round(k_frac * training cases)).
+    repeats: fixed number of SSL-loss draws per case (1000 = the paper's protocol); None = adaptive:
+        draw in batches of ``draws_per_batch`` (at least ``min_repeats``) until the top-k set is settled
+        at ``confidence``, or ``max_repeats`` draws. ``tolerance`` is the indifference zone: a case whose
+        mean is known to within tolerance * boundary counts as settled even where it straddles the boundary
+        (near-ties are interchangeable; without it they would run to max_repeats).
+    seed: makes patches and masks, hence scores and buffer, reproducible."""
+
+    k: int | None = None
+    k_frac: float = 0.2
+    min_k: int = 2
+    repeats: int | None = None
+    min_repeats: int = 16
+    max_repeats: int = 1000
+    draws_per_batch: int = 8
+    confidence: float = 0.99
+    tolerance: float = 0.02
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k is not None and self.k < 1:
+            raise MedSeqFTError(f"MDS k must be >= 1, got {self.k}.")
+        if not 0.0 < self.k_frac <= 1.0:
+            raise MedSeqFTError(f"MDS k_frac must lie in (0, 1], got {self.k_frac}.")
+        if self.repeats is not None and self.repeats < 1:
+            raise MedSeqFTError(f"MDS repeats must be >= 1, got {self.repeats}.")
+        if not 1 <= self.min_repeats <= self.max_repeats:
+            raise MedSeqFTError(f"MDS needs 1 <= min_repeats <= max_repeats, got {self.min_repeats}, {self.max_repeats}.")
+        if self.draws_per_batch < 1:
+            raise MedSeqFTError(f"MDS draws_per_batch must be >= 1, got {self.draws_per_batch}.")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise MedSeqFTError(f"MDS tolerance must lie in [0, 1), got {self.tolerance}.")
+        if not 0.5 < self.confidence < 1.0:
+            raise MedSeqFTError(f"MDS confidence must lie in (0.5, 1), got {self.confidence}.")
+
+    def buffer_size(self, n_training_cases: int) -> int:
+        """K for a fold. A K above the number of training cases is an error, not a silent clamp."""
+        k = self.k if self.k is not None else max(self.min_k, round(self.k_frac * n_training_cases))
+        if k > n_training_cases:
+            raise MedSeqFTError(f"MDS buffer size k={k} exceeds the fold's {n_training_cases} training cases. "
+                                f"Use a smaller --k (or --k-frac).")
+        return k
+
+
+@dataclass(frozen=True)
+class RFTSettings(JsonSettings):
+    """stage_b_fraction: share of the trainer's epochs spent in stage B (the rest is stage A, FFT).
+    lora_rank / lora_alpha / lora_targets: peft LoRA on every stage convolution of encoder and decoder
+        (the regex matches PlainConvUNet's ``...stages...conv``; transposed convs are not supported by peft).
+    lambda_k: weight of knowledge retention (student vs F_t features on every sample of the batch).
+    lambda_g: weight of generalization retention (student vs M_{t-1} features on buffer samples).
+    buffer: 'mds' (lowest SSL loss under the foundation) or 'random' (the MDS ablation).
+    buffer_share: expected share of buffer samples in a stage-B batch (buffer cases are over-sampled)."""
+
+    stage_b_fraction: float = 0.3
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = r".*stages.*\.conv"
+    lambda_k: float = 1.0
+    lambda_g: float = 1.0
+    buffer: str = "mds"
+    buffer_share: float = 0.5
+
+    def __post_init__(self):
+        if not 0.0 <= self.stage_b_fraction <= 1.0:
+            raise MedSeqFTError(f"stage_b_fraction must lie in [0, 1], got {self.stage_b_fraction}.")
+        if self.lora_rank < 1:
+            raise MedSeqFTError(f"lora_rank must be >= 1, got {self.lora_rank}.")
+        if self.lambda_k < 0 or self.lambda_g < 0:
+            raise MedSeqFTError(f"lambda_k and lambda_g must be >= 0 (got {self.lambda_k}, {self.lambda_g}): "
+                                "they weigh distances that are minimised. Set 0 to switch a term off.")
+        if self.buffer not in ("mds", "random"):
+            raise MedSeqFTError(f"buffer must be 'mds' or 'random', got {self.buffer!r}.")
+        if not 0.0 < self.buffer_share < 1.0:
+            raise MedSeqFTError(f"buffer_share must lie in (0, 1), got {self.buffer_share}.")

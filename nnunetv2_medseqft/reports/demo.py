@@ -1,0 +1,112 @@
+"""``medseqft demo``: the whole method end to end on generated data, at the CPU scale.
+
+Generates the CPU-scale benchmark (pool + liver + spleen), plans the pool with ``MedSeqFTCPUPlanner``,
+pre-trains a short foundation by masked-image modelling, runs MedSeqFT, sequential FFT and parallel FFT
+over liver -> spleen, and prints the comparison table and the report's path (with a validation slice,
+ground truth and prediction per task). Unseen-task transfer is left to ``benchmarks/bench_fidelity.py``:
+it doubles the training count. Everything goes under ``--out`` (nnU-Net folders included); nnU-Net's
+variables are set for the child processes only. Re-running with the same ``--out`` resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+from nnunetv2_medseqft.errors import MedSeqFTError
+
+SCALE = "cpu"
+POOL_ID, FIRST_TASK, NUM_TASKS = 500, 501, 2  # synth with 2 tasks: 501 liver, 502 spleen (503/504 unseen, unused)
+PRETRAINER = "MedSeqFTPretrainTrainer_cpuDemo"  # 8 of _cpu's 60 epochs (reconstruction score ~0.79 vs ~0.89)
+METHODS = ("medseqft", "seqfft", "parallel")
+# per task: 6 epochs x 50 iterations (provisional: the plateau of this scale is not measured yet); MDS 16 draws/case
+RUN_ARGS = ["--epochs", "6", "--iterations", "50", "--val-iterations", "2", "--mds", "repeats=16"]
+
+
+def demo_env(out: str) -> dict:
+    from nnunetv2_medseqft.sequence.train_process import child_env
+
+    env = child_env()
+    env.update(nnUNet_raw=os.path.join(out, "nnUNet_raw"), nnUNet_preprocessed=os.path.join(out, "nnUNet_preprocessed"),
+               nnUNet_results=os.path.join(out, "nnUNet_results"), nnUNet_compile="f")
+    env.setdefault("nnUNet_def_n_proc", "2")
+    env.setdefault("nnUNet_n_proc_DA", "2")
+    return env
+
+
+def _step(title: str, cmd: list[str], env: dict, log_file: str) -> None:
+    from nnunetv2_medseqft.sequence.train_process import _command
+
+    print(f"== {title}", flush=True)
+    with open(log_file, "a") as log:
+        proc = subprocess.run(_command(cmd), env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        with open(log_file) as f:
+            tail = f.readlines()[-30:]
+        raise MedSeqFTError(f"{' '.join(cmd)} failed (exit {proc.returncode}); log {log_file}:\n" + "".join(tail))
+
+
+def run_demo(out: str, device: str = "cpu") -> str:
+    from nnunetv2_medseqft.reports.report import compare_rows, load_results, markdown_table, write_report
+    from nnunetv2_medseqft.scales import get_scale
+    from nnunetv2_medseqft.synth import generate
+    from nnunetv2_medseqft.synth.datasets import default_datasets
+
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    env = demo_env(out)
+    log_file = os.path.join(out, "demo.log")
+    start = time.time()
+    print(f"medseqft demo in {out} (full log: {log_file})", flush=True)
+
+    raw = env["nnUNet_raw"]
+    scale = get_scale(SCALE)
+    last = default_datasets(POOL_ID, NUM_TASKS)[-1]
+    if not os.path.isfile(os.path.join(raw, last.name, "dataset.json")):
+        print(f"== generating the {scale.name}-scale benchmark (pool, liver, spleen)", flush=True)
+        generate(raw, preset=scale.preset, seed=0, first_id=POOL_ID, num_tasks=NUM_TASKS)
+    foundation = os.path.join(env["nnUNet_results"], f"Dataset{POOL_ID}_MSFTPool",
+                              f"{PRETRAINER}__{scale.plans_name}__3d_fullres", "fold_all", "checkpoint_final.pth")
+    if not os.path.isfile(foundation):
+        if not os.path.isdir(os.path.join(env["nnUNet_preprocessed"], f"Dataset{POOL_ID}_MSFTPool",
+                                          f"{scale.plans_name}_3d_fullres")):
+            _step(f"planning the pre-training pool (nnU-Net's planning with {scale.planner})",
+                  scale.plan_pool_command(POOL_ID, env["nnUNet_def_n_proc"]), env, log_file)
+        _step("pre-training the foundation M0 (masked-image modelling)",
+              ["nnUNetv2_train", str(POOL_ID), "3d_fullres", "all", "-tr", PRETRAINER, "-p", scale.plans_name,
+               "-device", device], env, log_file)
+    tasks = [str(FIRST_TASK + i) for i in range(NUM_TASKS)]
+    runs = []
+    for method in METHODS:  # one after the other: concurrent runs oversubscribe 2 cores (5x slower epochs)
+        name = f"demo-{method}"
+        print(f"== medseqft run --method {method} over datasets {' '.join(tasks)}", flush=True)
+        cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", foundation, "--datasets", *tasks,
+               "--method", method, "--name", name, "--device", device, *RUN_ARGS]
+        if subprocess.run(cmd, env=env).returncode != 0:
+            raise MedSeqFTError(f"The {method} run stopped. Resume the demo with: medseqft demo --out {out}")
+        runs.append(os.path.join(env["nnUNet_results"], "medseqft_runs", name))
+    report = write_report(runs, out=os.path.join(out, "report"))
+    print()
+    print(markdown_table(compare_rows([load_results(r) for r in runs])))
+    print()
+    print(f"Report: {report}")
+    print(f"Demo finished in {(time.time() - start) / 60:.1f} min. Task models are in "
+          f"{env['nnUNet_results']} (nnU-Net layout: nnUNetv2_predict works on each).")
+    return report
+
+
+def run(args) -> int:
+    out = args.out or os.path.join(os.getcwd(), f"medseqft_demo_{datetime.now():%Y%m%d_%H%M%S}")
+    run_demo(out, device=args.device)
+    return 0
+
+
+def configure_parser(parser, name: str) -> None:
+    parser.add_argument("--out", default=None,
+                        help="folder for everything (default: a fresh medseqft_demo_<time> in the current folder); "
+                             "an existing demo folder is resumed")
+    parser.add_argument("-device", "--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    parser.set_defaults(func=run)

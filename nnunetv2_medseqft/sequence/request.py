@@ -1,0 +1,130 @@
+"""What a user asks ``medseqft run`` for: the request, its checks (all before anything is written) and the
+plans names a run trains under."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from dataclasses import dataclass, field
+
+from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.method.foundation import check_channels, load_foundation
+from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings
+from nnunetv2_medseqft.paths import parse_fold, raw_dataset
+from nnunetv2_medseqft.plugin.variants import BUDGET_KEYS
+from nnunetv2_medseqft.sequence.layout import check_run_name
+from nnunetv2_medseqft.sequence.recipes import get_method
+
+FROM_M0 = ".fromM0"  # run names cannot hold '.', so these plans names never collide with a run's
+
+
+def base_plans_name(foundation_sha: str) -> str:
+    return f"MedSeqFTPlans-{foundation_sha[:8]}"
+
+
+def run_plans_name(run: str) -> str:
+    return f"MedSeqFTPlans_{run}"
+
+
+def reference_plans_name(base_plans: str, settings: dict) -> str:
+    """Plans of the unseen-task reference (full fine-tuning of M0): shared by every run whose foundation,
+    budget, seed, fold and configuration agree, so it is trained once (under a lock) and reused."""
+    keys = ("budget", "seed", "fold", "configuration", "nnunet_final_validation")
+    digest = hashlib.sha256(json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode()).hexdigest()
+    return f"{base_plans}{FROM_M0}-{digest[:8]}"
+
+
+@dataclass
+class RunRequest:
+    """What the user asked for; ``settings()`` is what the manifest stores and later runs must match."""
+
+    name: str
+    method: str
+    foundation: str
+    datasets: list[str]
+    unseen: list[str] = field(default_factory=list)
+    fold: int | str = 0
+    seed: int = 0
+    configuration: str = "3d_fullres"
+    budget: dict = field(default_factory=dict)
+    rft: dict = field(default_factory=dict)
+    mds: dict = field(default_factory=dict)
+    mirror: bool = False
+    nnunet_validation: bool = False
+    device: str = "cpu"
+    union_id: int | None = None
+    command: str = ""
+
+    @classmethod
+    def from_manifest(cls, data: dict) -> "RunRequest":
+        """The request a finished or interrupted run was made with (the inverse of ``settings``)."""
+        st = data["settings"]
+        return cls(name=data["name"], method=st["method"], foundation=data["foundation"]["path"],
+                   datasets=st["datasets"], unseen=st["unseen"], fold=st["fold"], seed=st["seed"],
+                   configuration=st["configuration"], budget=st["budget"], rft=st["rft"], mds=st["mds"],
+                   mirror=st["evaluation_mirroring"], nnunet_validation=st["nnunet_final_validation"],
+                   command=data.get("command", ""))
+
+    def settings(self, foundation_sha: str) -> dict:
+        return {"method": self.method, "datasets": list(self.datasets), "unseen": list(self.unseen),
+                "fold": self.fold, "seed": self.seed, "configuration": self.configuration,
+                "foundation_sha256": foundation_sha, "budget": dict(self.budget), "rft": dict(self.rft),
+                "mds": dict(self.mds), "evaluation_mirroring": self.mirror,
+                "nnunet_final_validation": self.nnunet_validation}
+
+
+def validate(request: RunRequest):
+    """Every check that needs no training, before anything is written. Returns the loaded foundation."""
+    check_run_name(request.name)
+    method = get_method(request.method)
+    request.fold = parse_fold(request.fold)
+    if not request.datasets:
+        raise MedSeqFTError("Give at least one dataset with --datasets.")
+    foundation = load_foundation(request.foundation)
+    names = {}
+    for d in list(request.datasets) + list(request.unseen):
+        name, dataset_json = raw_dataset(d)
+        check_channels(foundation, dataset_json, name)
+        names[d] = name
+    request.datasets = [names[d] for d in request.datasets]
+    request.unseen = [names[d] for d in request.unseen]
+    for group, label in ((request.datasets, "--datasets"), (request.unseen, "--unseen")):
+        repeated = sorted({n for n in group if group.count(n) > 1})
+        if repeated:
+            raise MedSeqFTError(f"{label} names {', '.join(repeated)} more than once.")
+    overlap = sorted(set(request.datasets) & set(request.unseen))
+    if overlap:
+        raise MedSeqFTError(f"--unseen overlaps --datasets ({', '.join(overlap)}): an unseen task must not be "
+                            "trained in the sequence. Drop it from one of them.")
+    if method.union and len(request.datasets) < 2:
+        raise MedSeqFTError("multitask needs at least two --datasets (it trains once on their union).")
+    unknown = sorted(set(request.budget) - set(BUDGET_KEYS))
+    if unknown:
+        raise MedSeqFTError(f"Unknown budget keys {unknown}; known: {sorted(BUDGET_KEYS)}.")
+    RFTSettings.from_dict(request.rft)  # raises on bad values
+    MDSSettings.from_dict(request.mds)
+    return foundation
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise MedSeqFTError(f"Bad setting {text!r}: use KEY=VALUE, e.g. lambda_g=0.5.")
+    key, value = text.split("=", 1)
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"none": None, "true": True, "false": False}.get(value.lower(), value)
+
+
+def request_from_args(args) -> RunRequest:
+    budget = {k: v for k, v in (("num_epochs", args.epochs), ("iterations", args.iterations),
+                                ("val_iterations", args.val_iterations)) if v is not None}
+    return RunRequest(name=args.name, method=args.method, foundation=args.foundation, datasets=args.datasets,
+                      unseen=args.unseen or [], fold=args.fold, seed=args.seed, configuration=args.c,
+                      budget=budget, rft=dict(_key_value(t) for t in args.rft or []),
+                      mds=dict(_key_value(t) for t in args.mds or []), mirror=args.mirror, device=args.device,
+                      nnunet_validation=args.nnunet_validation, union_id=args.union_id,
+                      command=" ".join(shlex.quote(a) for a in ["medseqft", "run"] + list(args.argv)))

@@ -1,0 +1,168 @@
+"""``medseqft run``: feed nnU-Net datasets through a method one task at a time, resumably.
+
+Steps of a run, in order (each recorded in the manifest, see ``manifest.py``):
+  plan          foundation-compatible plans + preprocessing of every dataset (shared by all runs of one
+                foundation: plans ``MedSeqFTPlans-<foundation sha[:8]>``; skipped when already done)
+  union         multitask only: one raw dataset with every task's training and validation cases
+  select/D      MDS buffer (methods with MDS)
+  train/D       ``nnUNetv2_train`` with the method's trainer, from M_(t-1) (or M0), plans
+                ``MedSeqFTPlans_<run>`` holding the run's settings (so every run has its own results folders)
+  evaluate/D    Dice/HD95 of M_t (and F_t) on the fold's validation cases
+  evaluate/R    the R matrix, ACC, BWT, FWT
+  unseen/U/...  full fine-tuning of the run's final body and of M0 (plans ``MedSeqFTPlans_<run>.fromM0``)
+                on each unseen dataset, then both evaluated
+"""
+
+from __future__ import annotations
+
+import os
+
+from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.jsonio import read_json
+from nnunetv2_medseqft.paths import model_folder
+from nnunetv2_medseqft.sequence.layout import LOGS_FOLDER, RESULTS_FILE, resolve_run, run_folder
+from nnunetv2_medseqft.sequence.manifest import Manifest, RunLock
+from nnunetv2_medseqft.sequence.recipes import UNSEEN_TRAINER, Method, get_method
+from nnunetv2_medseqft.sequence.request import (
+    RunRequest,
+    base_plans_name,
+    reference_plans_name,
+    run_plans_name,
+    validate,
+)
+from nnunetv2_medseqft.sequence.scoring import ScoringSteps
+from nnunetv2_medseqft.sequence.steps import TaskSteps
+
+
+class Runner(TaskSteps, ScoringSteps):
+    """The step graph of one run and the loop that walks it; the steps themselves live in ``steps.py``
+    (plan, select, train) and ``scoring.py`` (evaluate)."""
+
+    def __init__(self, request: RunRequest, foundation, manifest: Manifest, log=print):
+        self.request, self.foundation, self.manifest, self.log = request, foundation, manifest, log
+        self.method: Method = get_method(request.method)
+        self.folder = manifest.folder
+        self.base_plans = base_plans_name(foundation.sha256)
+        self.step_index = 0
+        self.steps = self._plan_steps()
+
+    # ------------------------------------------------------------ step list
+    def _plan_steps(self) -> list[tuple[str, callable]]:
+        r, m = self.request, self.method
+        self.trainings = {}  # step -> (dataset, start model, from M0): what _check_model_folders inspects
+        steps = [("plan", lambda: self._plan(r.datasets + r.unseen))]
+        if m.union:
+            steps += [("union", self._union), ("plan/union", lambda: self._plan([self._union_name()])),
+                      ("train/union", lambda: self._train(self._union_name(), self.request.foundation)),
+                      ("evaluate/union", self._evaluate_union)]
+        else:
+            for i, d in enumerate(r.datasets):
+                if m.mds:
+                    steps.append((f"select/{d}", lambda i=i, d=d: self._select(i, d)))
+                self.trainings[f"train/{d}"] = (d, lambda i=i: self._start_model(i), False)
+                steps.append((f"train/{d}", lambda i=i, d=d: self._train(d, self._start_model(i))))
+                steps.append((f"evaluate/{d}", lambda d=d: self._evaluate_task(d)))
+            steps.append(("evaluate/R", self._evaluate_r))
+        for u in r.unseen:
+            self.trainings[f"unseen/{u}/from-run"] = (u, self._final_model, False)
+            self.trainings[f"unseen/{u}/from-M0"] = (u, lambda: self.request.foundation, True)
+            steps.append((f"unseen/{u}/from-run", lambda u=u: self._train(u, self._final_model())))
+            steps.append((f"unseen/{u}/from-M0", lambda u=u: self._train(u, self.request.foundation, from_m0=True)))
+            steps.append((f"unseen/{u}/evaluate", lambda u=u: self._evaluate_unseen(u)))
+        return steps
+
+    def run(self) -> None:
+        total = len(self.steps)
+        checked = False
+        for index, (key, func) in enumerate(self.steps, 1):
+            self.step_index = index
+            if not checked and key not in ("plan", "union", "plan/union"):
+                self._check_model_folders()  # before this run writes anything of its own
+                checked = True
+            if self.manifest.is_done(key):
+                self.manifest.check_done_outputs(key)
+                continue
+            self.log(f"[{self.request.name}] step {self.step_index}/{total}: {key}")
+            started = self.manifest.start(key, {"kind": key.split("/")[0]})
+            try:
+                outputs = func() or {}
+            except BaseException as e:
+                message = f"{type(e).__name__}: {e}" if not isinstance(e, KeyboardInterrupt) else "interrupted"
+                self.manifest.fail(key, started, message)
+                raise
+            self.manifest.finish(key, started, outputs)
+
+    # ------------------------------------------------------------ models of this run
+    def _trainer(self, dataset: str) -> str:
+        return UNSEEN_TRAINER if dataset in self.request.unseen else self.method.trainer
+
+    def _plans_name(self, from_m0: bool = False) -> str:
+        return reference_plans_name(self.base_plans, self.manifest.data["settings"]) if from_m0 \
+            else run_plans_name(self.request.name)
+
+    def _model_folder(self, dataset: str, from_m0: bool = False) -> str:
+        return model_folder(dataset, self._trainer(dataset), self._plans_name(from_m0), self.request.configuration,
+                            self.request.fold)
+
+    def _task_model(self, dataset: str, which: str = "M") -> str:
+        return os.path.join(self._model_folder(dataset),
+                            "checkpoint_fft.pth" if which == "F" else "checkpoint_final.pth")
+
+    def _start_model(self, i: int) -> str:
+        if i == 0 or not self.method.chained:
+            return self.request.foundation
+        return self._task_model(self.request.datasets[i - 1])
+
+    def _final_model(self) -> str:
+        last = self._union_name() if self.method.union else self.request.datasets[-1]
+        return self._task_model(last)
+
+
+# ---------------------------------------------------------------- entry points
+
+def run_sequence(request: RunRequest, log=print) -> str:
+    """Run (or resume) a sequence; returns the run folder."""
+    foundation = validate(request)
+    folder = run_folder(request.name)
+    os.makedirs(os.path.join(folder, LOGS_FOLDER), exist_ok=True)
+    os.environ.setdefault("nnUNet_compile", "f" if request.device == "cpu" else "t")
+    with RunLock(folder):
+        manifest = Manifest.open(folder, request.name, request.settings(foundation.sha256), request.command)
+        manifest.data["foundation"] = {"path": os.path.abspath(request.foundation), "sha256": foundation.sha256}
+        manifest.data["command"] = request.command
+        manifest.save()
+        runner = Runner(request, foundation, manifest, log=log)
+        try:
+            runner.run()
+        except (Exception, KeyboardInterrupt) as e:
+            log(f"[{request.name}] stopped: everything finished so far is kept in {folder}.")
+            log(f"Resume with: {request.command}")
+            if isinstance(e, MedSeqFTError):
+                raise
+            raise MedSeqFTError(f"{type(e).__name__}: {e}") from e
+    log(f"[{request.name}] done: {os.path.join(folder, RESULTS_FILE)}")
+    return folder
+
+def evaluate_run(name_or_path: str, log=print) -> str:
+    """Re-score every finished model of a run (its own settings) into results.json; trains nothing."""
+    folder = resolve_run(name_or_path)
+    with RunLock(folder):
+        data = read_json(os.path.join(folder, "manifest.json"))
+        st = data["settings"]
+        request = RunRequest(name=data["name"], method=st["method"], foundation=data["foundation"]["path"],
+                             datasets=st["datasets"], unseen=st["unseen"], fold=st["fold"], seed=st["seed"],
+                             configuration=st["configuration"], budget=st["budget"], rft=st["rft"], mds=st["mds"],
+                             mirror=st["evaluation_mirroring"], nnunet_validation=st["nnunet_final_validation"],
+                             command=data.get("command", ""))
+        foundation = validate(request)
+        manifest = Manifest.open(folder, request.name, request.settings(foundation.sha256), request.command)
+        runner = Runner(request, foundation, manifest, log=log)
+        trained = True  # an evaluation step needs every training before it
+        for key, func in runner.steps:
+            if key.startswith("evaluate/") or key.endswith("/evaluate"):
+                if trained:
+                    log(f"[{request.name}] scoring: {key}")
+                    func()
+            elif key.startswith(("train/", "unseen/")):
+                trained = trained and manifest.is_done(key)
+    return folder

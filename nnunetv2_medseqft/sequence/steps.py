@@ -1,0 +1,172 @@
+"""The steps of a run that write models and data: plan + preprocess, the MDS buffer, ``nnUNetv2_train`` per
+task (in a subprocess, under a lock, continuing an interrupted training) and the multitask union dataset."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+
+from nnunetv2_medseqft.checkpoints import load_checkpoint_file
+from nnunetv2_medseqft.cli.plan import plan_datasets
+from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.jsonio import read_json, write_json_atomic
+from nnunetv2_medseqft.method.buffer import buffer_file_path, select_buffer
+from nnunetv2_medseqft.paths import preprocessed_root, raw_dataset_json
+from nnunetv2_medseqft.sequence.layout import LOGS_FOLDER
+from nnunetv2_medseqft.sequence.manifest import file_record
+from nnunetv2_medseqft.sequence.train_process import output_to, train_with_progress
+from nnunetv2_medseqft.sequence.union_dataset import build_union_dataset
+
+
+class TaskSteps:
+    """Runner steps that plan, select and train (mixed into ``Runner``)."""
+
+    # ------------------------------------------------------------ plan
+    def _plan(self, datasets: list[str]) -> dict:
+
+        with contextlib.ExitStack() as locks:  # runs of other names plan the same datasets: one at a time
+            for dataset in sorted(datasets):
+                folder = os.path.join(preprocessed_root(), dataset)
+                os.makedirs(folder, exist_ok=True)
+                lock = locks.enter_context(open(os.path.join(folder, ".medseqft_plan.lock"), "w"))
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            plans_files = {d: os.path.join(preprocessed_root(), d, f"{self.base_plans}.json") for d in datasets}
+            todo = [d for d in datasets if not self._is_preprocessed(d, plans_files[d])]
+            if datasets != todo:
+                self.log(f"  already planned and preprocessed as {self.base_plans}: "
+                         f"{', '.join(d for d in datasets if d not in todo)}")
+            if todo:
+                log_file = os.path.join(self.folder, LOGS_FOLDER, f"{self.step_index:02d}_plan.log")
+                self.log(f"  planning with the foundation's plans and preprocessing {', '.join(todo)} (log: {log_file})")
+                with output_to(log_file):
+                    plan_datasets(todo, self.request.foundation, self.request.configuration,
+                                  num_processes=int(os.environ.get("nnUNet_def_n_proc", 2)), plans_name=self.base_plans)
+        return {f"plans {d}": file_record(f) for d, f in plans_files.items()}
+
+    def _is_preprocessed(self, dataset: str, plans_file: str) -> bool:
+
+        if not os.path.isfile(plans_file):
+            return False
+        plans = read_json(plans_file)
+        if plans.get("medseqft", {}).get("foundation", {}).get("sha256") != self.foundation.sha256:
+            return False
+        cfg = plans["configurations"].get(self.request.configuration, {})
+        data = os.path.join(preprocessed_root(), dataset, cfg.get("data_identifier", "?"))
+        gt = os.path.join(preprocessed_root(), dataset, "gt_segmentations")
+        n = raw_dataset_json(dataset)["numTraining"]
+        return os.path.isdir(data) and sum(f.endswith(".pkl") for f in os.listdir(data)) == n and \
+            os.path.isdir(gt) and len(os.listdir(gt)) == n
+
+    def _write_run_plans(self, dataset: str, previous_model: str, from_m0: bool = False) -> str:
+
+        plans = self._run_plans(dataset, previous_model, from_m0)
+        write_json_atomic(plans, os.path.join(preprocessed_root(), dataset, f"{plans['plans_name']}.json"))
+        return plans["plans_name"]
+
+    def _run_plans(self, dataset: str, previous_model: str, from_m0: bool = False) -> dict:
+        """The base plans plus this run's settings; same data_identifier, so preprocessing is shared."""
+
+        plans = read_json(os.path.join(preprocessed_root(), dataset, f"{self.base_plans}.json"))
+        name = self._plans_name(from_m0)
+        r = self.request
+        section = plans["medseqft"]
+        section["mds"] = {**section.get("mds", {}), **r.mds, "seed": r.mds.get("seed", r.seed)}
+        section.update(run=None if from_m0 else r.name, method="reference: full fine-tuning of M0" if from_m0
+                       else r.method, seed=r.seed, rft=dict(r.rft), budget=dict(r.budget),
+                       final_validation=r.nnunet_validation, previous_model=os.path.abspath(previous_model))
+        plans["plans_name"] = name
+        return plans
+
+    # ------------------------------------------------------------ select
+    def _select(self, i: int, dataset: str) -> dict:
+
+        plans = self._write_run_plans(dataset, self._start_model(i))
+        record = select_buffer(dataset, self.request.fold, plans_name=plans, configuration=self.request.configuration,
+                               device=self.request.device, progress=False, log=lambda *a: None)
+        self.log(f"  MDS buffer of {dataset}: {' '.join(record['buffer'])}")
+        return {"buffer": file_record(buffer_file_path(dataset, self.request.fold, plans, self.request.configuration))}
+
+    # ------------------------------------------------------------ train
+    def _train(self, dataset: str, start_model: str, from_m0: bool = False) -> dict:
+
+        if not os.path.isfile(start_model):
+            raise MedSeqFTError(f"The start model of {dataset} is missing: {start_model}.")
+        lock_file = os.path.join(preprocessed_root(), dataset, f".medseqft_train_{self._plans_name(from_m0)}.lock")
+        with open(lock_file, "w") as lock:  # a shared M0 reference is trained by one run; the others wait, reuse
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._train_locked(dataset, start_model, from_m0)
+
+    def _train_locked(self, dataset: str, start_model: str, from_m0: bool) -> dict:
+        trainer = self._trainer(dataset)
+        folder = self._model_folder(dataset, from_m0)
+        final = os.path.join(folder, "checkpoint_final.pth")
+        plans = self._write_run_plans(dataset, start_model, from_m0)
+        if from_m0 and os.path.isfile(final):
+            self.log(f"  reusing the M0 reference of {dataset} (same foundation, budget and seed): {final}")
+        if not os.path.isfile(final):
+            cmd = ["nnUNetv2_train", dataset, self.request.configuration, str(self.request.fold), "-tr", trainer,
+                   "-p", plans, "-device", self.request.device]
+            if os.path.isfile(os.path.join(folder, "checkpoint_latest.pth")):
+                cmd.append("--c")  # an interrupted training continues where its last checkpoint left it
+            else:
+                cmd += ["-pretrained_weights", start_model]
+            log_file = os.path.join(self.folder, LOGS_FOLDER, self._log_name(dataset, from_m0))
+            epochs = int(self.request.budget.get("num_epochs") or 1000)
+            remaining = self._remaining_train_steps()
+            train_with_progress(cmd, log_file, label=self._label(dataset, from_m0), epochs=epochs,
+                                later_seconds=lambda per_step: per_step * remaining, log=self.log)
+        outputs = {"model": file_record(final)}
+        fft = os.path.join(folder, "checkpoint_fft.pth")
+        if os.path.isfile(fft) and dataset not in self.request.unseen:
+            outputs["fft"] = file_record(fft)
+        return outputs
+
+    def _check_model_folders(self) -> None:
+        """Checkpoints already in an unfinished step's model folder (an interrupted step, a shared reference, or
+        a run folder that was deleted) are continued or reused only if trained with exactly these settings."""
+
+        for key, (dataset, start, from_m0) in self.trainings.items():
+            if self.manifest.is_done(key):
+                continue
+            folder = self._model_folder(dataset, from_m0)
+            ours = self._run_plans(dataset, start(), from_m0)["medseqft"]
+            for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
+                path = os.path.join(folder, name)
+                if os.path.isfile(path):
+                    theirs = load_checkpoint_file(path)["init_args"]["plans"].get("medseqft", {})
+                    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+                    if diff:
+                        raise MedSeqFTError(f"{path} was trained with other settings ({', '.join(diff)} differ) and "
+                                            f"is not this run's. Move {folder} away, or choose another --name.")
+
+    def _log_name(self, dataset: str, from_m0: bool) -> str:
+        return f"{self.step_index:02d}_train_{dataset}{'_fromM0' if from_m0 else ''}.log"
+
+    def _label(self, dataset: str, from_m0: bool) -> str:
+        r = self.request
+        if dataset in r.unseen:
+            return f"unseen {dataset} from {'M0' if from_m0 else 'the final body'}"
+        if self.method.union:
+            return f"multitask on the union of {len(r.datasets)} tasks"
+        return f"task {r.datasets.index(dataset) + 1}/{len(r.datasets)} {dataset} ({self._trainer(dataset)})"
+
+    def _remaining_train_steps(self) -> int:
+        keys = [k for k, _ in self.steps[self.step_index:]]
+        return sum(k.startswith("train/") or (k.startswith("unseen/") and not k.endswith("/evaluate"))
+                   for k in keys)
+
+    # ------------------------------------------------------------ multitask
+    def _union_name(self) -> str:
+        record = self.manifest.step("union") or {}
+        name = (record.get("outputs") or {}).get("dataset")
+        if not name:
+            raise MedSeqFTError("The union dataset of this multitask run is not built yet.")
+        return name
+
+    def _union(self) -> dict:
+
+        name = build_union_dataset(self.request.datasets, self.request.name, self.request.fold,
+                                   self.base_plans, self.request.configuration, self.request.union_id)
+        # recorded before planning/training, so that a resumed run reuses the same dataset
+        return {"dataset": name}

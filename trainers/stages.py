@@ -1,0 +1,98 @@
+"""Stage B of a MedSeqFT task step, K&G RFT, as one object the trainer's nnU-Net hooks delegate to.
+
+Stage A (full fine-tuning from M_(t-1) -> F_t) is nnU-Net's own training and needs no object.
+``RFTStage`` holds what stage B adds to it: the frozen teachers (F_t for knowledge retention, M_(t-1)
+for generalization retention on the buffer samples), the LoRA student (M_(t-1) + peft LoRA, head from
+F_t; LoRA factors, norms and head train), the feature taps, and its verbs: ``train_step`` (the loss),
+``checkpoint_state`` (what ``--c`` needs), ``merged_state`` (the plain network a checkpoint holds) and
+``finish`` (save the adapter, merge: M_t).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2_medseqft.trainers.steps import backward_and_step
+from torch import autocast
+
+from nnunetv2_medseqft import adapters
+from nnunetv2_medseqft.checkpoints import head_of
+from nnunetv2_medseqft.method.distill import FeatureTaps, feature_distance
+from nnunetv2_medseqft.method.settings import RFTSettings
+
+
+def frozen(net: torch.nn.Module) -> torch.nn.Module:
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+class RFTStage:
+    def __init__(self, build_network, previous: dict, fft: dict | None, settings: RFTSettings, distill: bool,
+                 student_state: dict | None = None):
+        """``build_network(state_dict)``: the plans' plain network with those weights, on the trainer's device."""
+        self.settings, self.distill = settings, distill
+        self.teacher_fft = frozen(build_network(fft)) if fft is not None else None
+        self.teacher_prev = frozen(build_network(previous))
+        base = build_network({**previous, **(head_of(fft) if fft is not None else {})})
+        self.student = adapters.add_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_targets)
+        if student_state is not None:
+            self.student.load_state_dict(student_state, strict=False)
+        self.taps = {"student": FeatureTaps(self.student), "prev": FeatureTaps(self.teacher_prev)}
+        if self.teacher_fft is not None:
+            self.taps["fft"] = FeatureTaps(self.teacher_fft)
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+
+    def train_step(self, trainer, batch: dict) -> dict:
+        """seg + lambda_k * d(student, F_t) on the batch + lambda_g * d(student, M_(t-1)) on its buffer samples."""
+        device, s = trainer.device, self.settings
+        data = batch["data"].to(device, non_blocking=True)
+        target = [t.to(device, non_blocking=True) for t in batch["target"]] \
+            if isinstance(batch["target"], list) else batch["target"].to(device, non_blocking=True)
+        buffer = set(trainer.buffer_keys)
+        in_buffer = torch.tensor([k in buffer for k in batch["keys"]], device=device)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        zero = torch.zeros((), device=device)
+        use_k = self.distill and self.teacher_fft is not None and s.lambda_k > 0
+        use_g = self.distill and bool(in_buffer.any()) and s.lambda_g > 0
+        with autocast(device.type, enabled=True) if device.type == "cuda" else dummy_context():
+            output = trainer.network(data)  # the student, DDP-wrapped where the trainer runs DDP
+            student = self.taps["student"].collect()
+            seg = trainer.loss(output, target)
+            l_k = l_g = zero
+            with torch.no_grad():
+                if use_k:
+                    self.teacher_fft(data)
+                if use_g:
+                    self.teacher_prev(data[in_buffer])
+            if use_k:
+                l_k = feature_distance(student, self.taps["fft"].collect())
+            if use_g:
+                l_g = feature_distance([f[in_buffer] for f in student], self.taps["prev"].collect())
+            loss = seg + s.lambda_k * l_k + s.lambda_g * l_g
+            l_k, l_g = l_k.detach(), l_g.detach()
+        backward_and_step(trainer, loss)
+        return {"loss": loss.detach().cpu().numpy(), "medseqft_seg": seg.item(), "medseqft_k": l_k.item(),
+                "medseqft_g": l_g.item()}
+
+    def checkpoint_state(self) -> dict:
+        """The trainable parameters: with previous_model.pth and F_t they restore the student for ``--c``."""
+        trainable = {n for n, p in self.student.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.student.state_dict().items() if k in trainable}
+
+    def merged_state(self) -> dict:
+        return adapters.merged_state_dict(self.student)
+
+    def finish(self, adapter_folder: str | None) -> torch.nn.Module:
+        """Remove the taps, save the adapter (rank 0 passes its folder), merge: M_t as a plain network."""
+        for taps in self.taps.values():
+            taps.remove()
+        if adapter_folder is not None:
+            adapters.save_adapter(self.student, os.path.join(adapter_folder))
+        return adapters.merge(self.student)
