@@ -175,3 +175,21 @@ def fold_split(dataset_folder: str, data_folder: str, fold: int | str,
 def training_cases(dataset_folder: str, data_folder: str, fold: int | str, log: Callable = print) -> list[str]:
     """The fold's training case ids, exactly as nnUNetTrainer.do_split chooses them (splits_final.json)."""
     return fold_split(dataset_folder, data_folder, fold, log)[0]
+
+
+def fold_training_count(dataset: str, fold) -> int:
+    """How many training cases nnU-Net's split gives the fold: from splits_final.json where it exists, else as
+    nnU-Net will make it (sklearn's 5-fold KFold of numTraining cases; the first n % 5 folds validate one more)."""
+    split_file = os.path.join(preprocessed_root(), dataset, "splits_final.json")
+    n = int(raw_dataset_json(dataset)["numTraining"])
+    if fold == "all":
+        return n
+    n_folds = 5
+    if os.path.isfile(split_file):
+        splits = read_json(split_file)
+        if fold < len(splits):
+            return len(splits[fold]["train"])
+        n_folds = len(splits)
+    if fold >= n_folds:
+        return int(n * 0.8)  # nnU-Net's seeded 80:20 split beyond the split file's folds
+    return n - (n // 5 + (1 if fold < n % 5 else 0))

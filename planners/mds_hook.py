@@ -61,14 +61,20 @@ def schedule_buffers(dataset_name: str, plans: dict, configuration: str = "3d_fu
     if not folds or configuration not in plans.get("configurations", {}):
         return
 
+    later = f"medseqft select -d {dataset_name} -f FOLD -p {plans['plans_name']}"
+
     def run() -> None:
         if not preprocessing_complete(dataset_name, plans, configuration):
-            print(f"MedSeqFTPlanner: {dataset_name} is not fully preprocessed; no MDS buffers written "
-                  f"(run medseqft select -d {dataset_name} -f FOLD -p {plans['plans_name']} later).")
+            print(f"MedSeqFTPlanner: {dataset_name} is not fully preprocessed; no MDS buffers written (run {later} "
+                  "once it is).")
             return
         print(f"MedSeqFTPlanner: MDS buffers of {dataset_name}, folds {' '.join(map(str, folds))} "
               f"(set {FOLDS_ENV}=none to skip)...")
-        for path in write_buffers(dataset_name, plans, configuration, folds, log=lambda *_: None):
-            print(f"  {path}")
+        try:
+            for path in write_buffers(dataset_name, plans, configuration, folds, log=lambda *_: None):
+                print(f"  {path}")
+        except Exception as e:  # the plans and data are written and fine; only the buffers are missing
+            print(f"MedSeqFTPlanner: no MDS buffers for {dataset_name}: {type(e).__name__}: {e}\n"
+                  f"The trainers score them when they start, or run {later}.", file=sys.stderr)
 
     atexit.register(run)

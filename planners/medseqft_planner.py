@@ -21,7 +21,7 @@ import shutil
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.paths import nnUNet_preprocessed
-from nnunetv2_medseqft.planners.mds_hook import is_stock_plan_and_preprocess, schedule_buffers
+from nnunetv2_medseqft.planners.mds_hook import hook_folds, is_stock_plan_and_preprocess, schedule_buffers
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import (
@@ -97,6 +97,7 @@ class MedSeqFTPlanner(ExperimentPlanner):
         self.mds = mds
 
     def plan_experiment(self):
+        hook_folds()  # a bad MEDSEQFT_MDS_FOLDS fails before anything is written
         check_channels(self.foundation, self.dataset_json, self.dataset_name)
         check_replan(self.foundation, self.dataset_name, self.plans_identifier)
         # nnU-Net's preprocessing reads dataset.json from the preprocessed folder

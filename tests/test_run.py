@@ -41,6 +41,23 @@ def test_bad_inputs_are_refused_before_anything_is_written(nnunet, tiny_foundati
     assert not (nnunet.results / "medseqft_runs" / "bad").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--rft", "lora_rank=100000"], "LoRA rank 100000 exceeds"),
+    (["--rft", "lambda_k=abc"], "lambda_k='abc' must be a number"),
+    (["--mds", "repeats=2.5"], "repeats=2.5 must be an integer or none"),
+    (["--mds", "k=1000"], "exceeds the fold's"),
+    (["--epochs", "0"], "--epochs must be an integer >= 1"),
+    (["--iterations", "-1"], "--iterations must be an integer >= 1"),
+])
+def test_bad_settings_are_refused_in_the_first_step(nnunet, tiny_foundation, extra, message):
+    """Settings that would fail inside stage B or nnUNetv2_train are refused before planning, MDS or training."""
+    proc = run(["medseqft", "run", "--foundation", str(tiny_foundation), "--datasets", "501", "502", "--name",
+                "bad-settings", *extra], nnunet, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (nnunet.results / "medseqft_runs" / "bad-settings").exists()
+
+
 def test_bad_run_name_and_method(nnunet, tiny_foundation):
     proc = run(["medseqft", "run", "--foundation", str(tiny_foundation), "--datasets", "501", "--name", "a__b"],
                nnunet, check=False)

@@ -24,16 +24,20 @@ TRAINED_EXTRAS_FILE = "norms_and_head.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"  # peft's file name
 
 
-def _check_rank(network: torch.nn.Module, rank: int, targets: str) -> None:
+def check_rank(network: torch.nn.Module, rank: int, targets: str) -> None:
     """A conv's update B @ A has rank <= min(in_channels * kernel volume, out_channels): a larger r only wastes."""
+    try:
+        pattern = re.compile(targets)
+    except re.error as e:
+        raise MedSeqFTError(f"lora_targets {targets!r} is not a regular expression ({e}).") from None
     for name, m in network.named_modules():
-        if isinstance(m, torch.nn.Conv3d) and re.fullmatch(targets, name):
+        if isinstance(m, torch.nn.Conv3d) and pattern.fullmatch(name):
             limit = min(m.in_channels * math.prod(m.kernel_size), m.out_channels)
             if rank > limit:
                 raise MedSeqFTError(
                     f"LoRA rank {rank} exceeds what {name} ({m.in_channels} -> {m.out_channels} channels, kernel "
-                    f"{tuple(m.kernel_size)}) can use ({limit}). Set lora_rank <= {limit} in the plans' medseqft.rft "
-                    f"section or pick a smaller-rank trainer variant.")
+                    f"{tuple(m.kernel_size)}) can use ({limit}). Set lora_rank <= {limit} (medseqft run --rft "
+                    f"lora_rank={limit}, or the plans' medseqft.rft section, or a smaller-rank trainer variant).")
 
 
 def is_norm_or_head(name: str, module: torch.nn.Module) -> bool:
@@ -43,7 +47,7 @@ def is_norm_or_head(name: str, module: torch.nn.Module) -> bool:
 def add_lora(network: torch.nn.Module, rank: int, alpha: float, targets: str,
              merged_weight_forward: bool = True) -> PeftModel:
     """Freeze ``network``, add LoRA to the target convs; LoRA factors, norm affines and the head train."""
-    _check_rank(network, rank, targets)
+    check_rank(network, rank, targets)
     student = get_peft_model(network, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                                  target_modules=targets))
     if merged_weight_forward:

@@ -17,11 +17,29 @@ class JsonSettings:
 
     @classmethod
     def from_dict(cls, d: dict):
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        types = {f.name: f.type for f in fields(cls)}
+        unknown = set(d) - set(types)
         if unknown:
-            raise MedSeqFTError(f"Unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}.")
+            raise MedSeqFTError(f"Unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(types)}.")
+        for name, value in d.items():
+            _check_type(getattr(cls, "label", cls.__name__), name, value, types[name])
         return cls(**d)
+
+
+_KINDS = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+          "bool": ((bool,), "true or false"), "None": ((type(None),), "none")}
+
+
+def _check_type(owner: str, name: str, value, annotation: str) -> None:
+    """A value of the field's declared type (``int | None`` etc.): a wrong one fails here, with its name,
+    rather than as a TypeError deep inside training."""
+    allowed = [a.strip() for a in str(annotation).split("|")]
+    for a in allowed:
+        kinds = _KINDS.get(a, ((object,), a))[0]
+        if isinstance(value, kinds) and (a == "bool" or not isinstance(value, bool)):
+            return
+    words = " or ".join(_KINDS.get(a, (None, a))[1] for a in allowed)
+    raise MedSeqFTError(f"{owner} {name}={value!r} must be {words}.")
 
 
 @dataclass(frozen=True)
@@ -33,6 +51,8 @@ class MDSSettings(JsonSettings):
         mean is known to within tolerance * boundary counts as settled even where it straddles the boundary
         (near-ties are interchangeable; without it they would run to max_repeats).
     seed: makes patches and masks, hence scores and buffer, reproducible."""
+
+    label = "MDS setting"  # for messages (--mds KEY=VALUE); a class attribute, not a field
 
     k: int | None = None
     k_frac: float = 0.2
@@ -79,6 +99,8 @@ class RFTSettings(JsonSettings):
     lambda_g: weight of generalization retention (student vs M_{t-1} features on buffer samples).
     buffer: 'mds' (lowest SSL loss under the foundation) or 'random' (the MDS ablation).
     buffer_share: expected share of buffer samples in a stage-B batch (buffer cases are over-sampled)."""
+
+    label = "K&G RFT setting"  # for messages (--rft KEY=VALUE); a class attribute, not a field
 
     stage_b_fraction: float = 0.3
     lora_rank: int = 8

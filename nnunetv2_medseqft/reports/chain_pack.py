@@ -38,7 +38,6 @@ import time
 import numpy as np
 import torch
 
-from nnunetv2_medseqft import adapters
 from nnunetv2_medseqft.checkpoints import (
     atomic_torch_save,
     body_of,
@@ -57,7 +56,8 @@ FORMAT = "medseqft-chain-pack"
 VERSION = 1
 INDEX_FILE = "index.json"
 TASKS_FOLDER = "tasks"
-ADAPTER_FILE, EXTRAS_FILE = adapters.ADAPTER_FILE, adapters.TRAINED_EXTRAS_FILE  # the same names as in a task's adapter/
+ADAPTER_FILE = "adapter_model.safetensors"  # the names of a task's adapter/ files (adapters.model)
+EXTRAS_FILE = "norms_and_head.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 FFT_FILE = "fft.safetensors"
 DROPPED_KEYS = ("optimizer_state",)  # as large as the trainable weights; only --c needs it
@@ -202,6 +202,8 @@ def merge_adapter(init_args: dict, base_body: dict, adapter_config: dict, adapte
         network.load_state_dict({**base_body, **head_of(extras)})
     except RuntimeError as e:
         raise MedSeqFTError(f"The previous model's body and this task's head do not fit the task's network: {e}") from e
+    from nnunetv2_medseqft import adapters  # peft: only when an adapter is rebuilt
+
     return adapters.merged_from_files(network, adapter_config, adapter_state, extras)
 
 

@@ -307,7 +307,7 @@ def plot_landscape(result: dict, path: str, title: str) -> str:
 # ---------------------------------------------------------------- runs and their models
 
 def network_from_checkpoint(ckpt: dict, device: str = "cpu") -> torch.nn.Module:
-    from nnunetv2_medseqft.reports.chain_pack import build_task_network
+    from nnunetv2_medseqft.checkpoints import build_task_network
 
     net = build_task_network(ckpt["init_args"])
     net.load_state_dict(ckpt["network_weights"])

@@ -1,6 +1,6 @@
 """What a reader of a report wants to see next to the numbers: the segmentation itself, and Dice per site.
 
-Evaluation (``evaluate.ValidationSet.score(..., overlay=...)``) leaves ``overlays/<dataset>.npz`` in the run
+Evaluation (``evaluation.validation.ValidationSet.score(..., overlay=...)``) leaves ``overlays/<dataset>.npz`` in the run
 folder: the first validation case's axial slice with the most ground truth (raw image, ground truth and
 the exported model's prediction). This module draws them, and splits each task's Dice by the acquisition
 site that ``sites.json`` (written by ``medseqft synth``) names for every case.

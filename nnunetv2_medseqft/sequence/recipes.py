@@ -20,6 +20,11 @@ class Method:
     union: bool  # one training on the union of all tasks (the all-data reference)
     description: str
 
+    @property
+    def lora(self) -> bool:
+        """Trains a stage B (LoRA on M_(t-1), merged), hence needs a buffer and a LoRA rank the network can use."""
+        return self.trainer != "MedSeqFTFFTTrainer"
+
 
 METHODS = {m.name: m for m in (
     Method("medseqft", "MedSeqFTTrainer", True, True, True, False,

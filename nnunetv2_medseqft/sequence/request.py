@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import check_channels, load_foundation
 from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings
-from nnunetv2_medseqft.paths import parse_fold, raw_dataset
+from nnunetv2_medseqft.paths import fold_training_count, parse_fold, raw_dataset
 from nnunetv2_medseqft.plugin.variants import BUDGET_KEYS
 from nnunetv2_medseqft.sequence.layout import check_run_name
 from nnunetv2_medseqft.sequence.recipes import get_method
@@ -102,8 +102,20 @@ def validate(request: RunRequest):
     unknown = sorted(set(request.budget) - set(BUDGET_KEYS))
     if unknown:
         raise MedSeqFTError(f"Unknown budget keys {unknown}; known: {sorted(BUDGET_KEYS)}.")
-    RFTSettings.from_dict(request.rft)  # raises on bad values
-    MDSSettings.from_dict(request.mds)
+    for key, value in request.budget.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise MedSeqFTError(f"--{key.replace('num_', '').replace('_', '-')} must be an integer >= 1, got {value!r}.")
+    rft = RFTSettings.from_dict(request.rft)  # types and ranges
+    mds = MDSSettings.from_dict(request.mds)
+    if method.lora:
+        from nnunetv2_medseqft.adapters import check_rank  # peft: only where LoRA is used
+
+        check_rank(foundation.build_ssl_network(), rft.lora_rank, rft.lora_targets)
+        for d in request.datasets:
+            try:
+                mds.buffer_size(fold_training_count(d, request.fold))
+            except MedSeqFTError as e:
+                raise MedSeqFTError(f"{d}, fold {request.fold}: {e}") from None
     return foundation
 
 

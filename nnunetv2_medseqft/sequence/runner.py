@@ -18,9 +18,8 @@ from __future__ import annotations
 import os
 
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.jsonio import read_json
 from nnunetv2_medseqft.paths import model_folder
-from nnunetv2_medseqft.sequence.layout import LOGS_FOLDER, RESULTS_FILE, resolve_run, run_folder
+from nnunetv2_medseqft.sequence.layout import LOGS_FOLDER, RESULTS_FILE, run_folder
 from nnunetv2_medseqft.sequence.manifest import Manifest, RunLock
 from nnunetv2_medseqft.sequence.recipes import UNSEEN_TRAINER, Method, get_method
 from nnunetv2_medseqft.sequence.request import (
@@ -30,6 +29,7 @@ from nnunetv2_medseqft.sequence.request import (
     run_plans_name,
     validate,
 )
+from nnunetv2_medseqft.sequence.run_record import read_run
 from nnunetv2_medseqft.sequence.scoring import ScoringSteps
 from nnunetv2_medseqft.sequence.steps import TaskSteps
 
@@ -145,15 +145,9 @@ def run_sequence(request: RunRequest, log=print) -> str:
 
 def evaluate_run(name_or_path: str, log=print) -> str:
     """Re-score every finished model of a run (its own settings) into results.json; trains nothing."""
-    folder = resolve_run(name_or_path)
+    folder, data = read_run(name_or_path)
     with RunLock(folder):
-        data = read_json(os.path.join(folder, "manifest.json"))
-        st = data["settings"]
-        request = RunRequest(name=data["name"], method=st["method"], foundation=data["foundation"]["path"],
-                             datasets=st["datasets"], unseen=st["unseen"], fold=st["fold"], seed=st["seed"],
-                             configuration=st["configuration"], budget=st["budget"], rft=st["rft"], mds=st["mds"],
-                             mirror=st["evaluation_mirroring"], nnunet_validation=st["nnunet_final_validation"],
-                             command=data.get("command", ""))
+        request = RunRequest.from_manifest(data)
         foundation = validate(request)
         manifest = Manifest.open(folder, request.name, request.settings(foundation.sha256), request.command)
         runner = Runner(request, foundation, manifest, log=log)
