@@ -40,7 +40,8 @@ from bench_mds import POOL_ID, build_foundation, random_init_foundation, set_env
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, scale, seed: int, fold: str) -> dict:
+def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, scale, seed: int, fold: str,
+                 warmup: int = 0) -> dict:
     """One ``medseqft run --method parallel``; returns {dataset: Dice of M_t} and its training minutes."""
     from nnunetv2_medseqft.paths import case_sites
     from nnunetv2_medseqft.reports.overlays import dice_per_site
@@ -50,6 +51,8 @@ def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, sca
     cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", str(foundation), "--datasets", *tasks,
            "--method", "parallel", "--name", name, "--seed", str(seed), "--fold", fold, "--device", "cpu",
            "--epochs", str(epochs), "--iterations", str(scale.iterations), "--val-iterations", str(scale.val_iterations)]
+    if warmup:
+        cmd += ["--warmup-epochs", str(warmup)]
     print(f"== {name}", flush=True)
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit(f"{name} failed; re-run this benchmark to resume it.")
@@ -113,6 +116,8 @@ def main() -> None:
     p.add_argument("--gain-seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--gain-budget", type=int, default=None, help="epochs (default: the scale's)")
     p.add_argument("--pretrain-trainer", default=None, help="another foundation budget than the scale's")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="epochs of linear learning-rate warm-up in every fine-tuning (medseqft run --warmup-epochs)")
     p.add_argument("--figures", default=str(RESULTS))
     args = p.parse_args()
     scale = get_scale(args.scale)
@@ -120,13 +125,14 @@ def main() -> None:
     workdir = Path(args.workdir).resolve()
     set_env(workdir)
     started = time.time()
+    w = f"-w{args.warmup}" if args.warmup else ""  # run names: a warm-up is another experiment
 
     f = build_foundation(workdir, scale, "cpu", pretrain_trainer=args.pretrain_trainer)
     curve, f_minutes = foundation_curve(f)
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
     plateau = {}
     for e in args.budgets:
-        r = run_parallel(f, f"plateau-e{e}-s0", tasks, e, scale, 0, args.fold)
+        r = run_parallel(f, f"plateau-e{e}{w}-s0", tasks, e, scale, 0, args.fold, args.warmup)
         r["mean"] = statistics.mean(r["tasks"].values())
         plateau[str(e)] = r
     gain = {}
@@ -135,10 +141,10 @@ def main() -> None:
         if seed == 0 and str(gain_budget) in plateau:
             pre = plateau[str(gain_budget)]["tasks"]
         else:
-            pre = run_parallel(f, f"pretrained-e{gain_budget}-s{seed}", gain_tasks, gain_budget, scale, seed,
-                               args.fold)["tasks"]
-        scratch = run_parallel(random_init_foundation(f, seed), f"scratch-e{gain_budget}-s{seed}", gain_tasks,
-                               gain_budget, scale, seed, args.fold)["tasks"]
+            pre = run_parallel(f, f"pretrained-e{gain_budget}{w}-s{seed}", gain_tasks, gain_budget, scale, seed,
+                               args.fold, args.warmup)["tasks"]
+        scratch = run_parallel(random_init_foundation(f, seed), f"scratch-e{gain_budget}{w}-s{seed}", gain_tasks,
+                               gain_budget, scale, seed, args.fold, args.warmup)["tasks"]
         gain[str(seed)] = {d: {"from_m0": pre[d], "from_random": v} for d, v in scratch.items()}
     diffs = [v["from_m0"] - v["from_random"] for per in gain.values() for v in per.values()]
     figures = plot(curve, plateau, scale.iterations, Path(args.figures))
@@ -163,7 +169,7 @@ def main() -> None:
         "foundation_curve": curve, "foundation_minutes": f_minutes, "plateau": plateau,
         "parallel_mean_dice": round(default["mean"], 2) if default else None,
         "pretraining_gain_dice": round(statistics.mean(diffs), 2) if diffs else None,
-        "pretraining_gain": gain, "gain_budget_epochs": gain_budget}))
+        "pretraining_gain": gain, "gain_budget_epochs": gain_budget, "warmup_epochs": args.warmup}))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
     stages = ("fft", "rft")  # variants keep one: FFT only (seqFFT), stage B only (LoRA / RFT with a given F_t)
     distill = True  # False: stage B without the retention terms (the LoRA-only baseline)
     rft_overrides: dict = {}  # trainer-name variants (nnU-Net's way to vary settings)
+    warmup_epochs = 0  # stage A: linear learning-rate warm-up epochs before the poly schedule (plans' budget)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -131,8 +132,12 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
 
     def on_train_epoch_start(self):
         self.network.train()
-        offset = self.stage_a_epochs if self.stage == "B" else 0  # each stage has its own poly schedule
-        self.lr_scheduler.step(self.current_epoch - offset)
+        if self.stage == "A" and self.current_epoch < self._warmup_epochs:  # fresh head on a trained body
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.initial_lr * (self.current_epoch + 1) / self._warmup_epochs
+        else:  # each stage (and stage A after its warm-up) has its own poly schedule
+            offset = self.stage_a_epochs if self.stage == "B" else self._warmup_epochs
+            self.lr_scheduler.step(self.current_epoch - offset)
         self.print_to_log_file("")
         self.print_to_log_file(f"Epoch {self.current_epoch} (MedSeqFT stage {self.stage})")
         self.print_to_log_file(f"Current learning rate: {np.round(self.optimizer.param_groups[0]['lr'], decimals=5)}")
@@ -251,9 +256,16 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
                                                    self.__class__.__name__, what="medseqft.fft_model")
         return path
 
+    @property
+    def _warmup_epochs(self) -> int:
+        return min(int(self.warmup_epochs), max(0, self.stage_a_epochs - 1))
+
     def configure_optimizers(self):
         if self.stage != "B":
-            return super().configure_optimizers()
+            optimizer, scheduler = super().configure_optimizers()
+            if self._warmup_epochs:  # nnU-Net's poly schedule, shifted behind the warm-up
+                scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs - self._warmup_epochs)
+            return optimizer, scheduler
         params = [p for p in self.network.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
                                     nesterov=True)

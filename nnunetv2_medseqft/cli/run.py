@@ -33,6 +33,9 @@ def configure_parser(parser, name: str) -> None:
     parser.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per training (default: nnU-Net's 1000)")
     parser.add_argument("--iterations", type=int, default=None, help="iterations per epoch (default: 250)")
+    parser.add_argument("--warmup-epochs", type=int, default=None,
+                        help="full fine-tuning (stage A) starts with this many epochs of linear learning-rate warm-up, "
+                             "then nnU-Net's poly schedule over the rest (default 0: nnU-Net's schedule)")
     parser.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch (50)")
     parser.add_argument("--rft", nargs="*", metavar="KEY=VALUE",
                         help="K&G RFT settings, e.g. lambda_g=0.5 lora_rank=4 (see README, Settings)")

@@ -26,7 +26,9 @@ def budget_variant(name: str, base: type, module: str, epochs: int, iterations: 
 
 
 BUDGET_KEYS = {"num_epochs": "num_epochs", "iterations": "num_iterations_per_epoch",
-               "val_iterations": "num_val_iterations_per_epoch", "save_every": "save_every"}
+               "val_iterations": "num_val_iterations_per_epoch", "save_every": "save_every",
+               "warmup_epochs": "warmup_epochs"}
+MIN_BUDGET = {"warmup_epochs": 0}  # every other budget key is >= 1
 
 
 def apply_budget(trainer, budget: dict) -> None:
@@ -38,8 +40,8 @@ def apply_budget(trainer, budget: dict) -> None:
         raise MedSeqFTError(f"Unknown keys {unknown} in the plans' medseqft.budget; known: {sorted(BUDGET_KEYS)}.")
     for key, value in budget.items():
         if value is not None:
-            if int(value) < 1:
-                raise MedSeqFTError(f"medseqft.budget.{key} must be >= 1, got {value}.")
+            if int(value) < MIN_BUDGET.get(key, 1):
+                raise MedSeqFTError(f"medseqft.budget.{key} must be >= {MIN_BUDGET.get(key, 1)}, got {value}.")
             setattr(trainer, BUDGET_KEYS[key], int(value))
 
 

@@ -12,7 +12,7 @@ from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import check_channels, load_foundation
 from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings
 from nnunetv2_medseqft.paths import fold_training_count, parse_fold, raw_dataset
-from nnunetv2_medseqft.plugin.variants import BUDGET_KEYS
+from nnunetv2_medseqft.plugin.variants import BUDGET_KEYS, MIN_BUDGET
 from nnunetv2_medseqft.sequence.layout import check_run_name
 from nnunetv2_medseqft.sequence.recipes import get_method
 
@@ -103,8 +103,10 @@ def validate(request: RunRequest):
     if unknown:
         raise MedSeqFTError(f"Unknown budget keys {unknown}; known: {sorted(BUDGET_KEYS)}.")
     for key, value in request.budget.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise MedSeqFTError(f"--{key.replace('num_', '').replace('_', '-')} must be an integer >= 1, got {value!r}.")
+        low = MIN_BUDGET.get(key, 1)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise MedSeqFTError(f"--{key.replace('num_', '').replace('_', '-')} must be an integer >= {low}, "
+                                f"got {value!r}.")
     rft = RFTSettings.from_dict(request.rft)  # types and ranges
     mds = MDSSettings.from_dict(request.mds)
     if method.lora:
@@ -133,7 +135,8 @@ def _key_value(text: str) -> tuple[str, object]:
 
 def request_from_args(args) -> RunRequest:
     budget = {k: v for k, v in (("num_epochs", args.epochs), ("iterations", args.iterations),
-                                ("val_iterations", args.val_iterations)) if v is not None}
+                                ("val_iterations", args.val_iterations), ("warmup_epochs", args.warmup_epochs))
+              if v is not None}
     return RunRequest(name=args.name, method=args.method, foundation=args.foundation, datasets=args.datasets,
                       unseen=args.unseen or [], fold=args.fold, seed=args.seed, configuration=args.c,
                       budget=budget, rft=dict(_key_value(t) for t in args.rft or []),
