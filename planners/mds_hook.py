@@ -41,16 +41,24 @@ def preprocessing_complete(dataset_name: str, plans: dict, configuration: str) -
     return os.path.isdir(data) and sum(f.endswith(".pkl") for f in os.listdir(data)) == n
 
 
-def write_buffers(dataset_name: str, plans: dict, configuration: str, folds, log=print) -> list[str]:
-    """Score and write the buffer of each fold (reused when one with the same inputs exists); returns the files."""
+def write_buffers(dataset_name: str, plans: dict, configuration: str, folds) -> list[str]:
+    """``medseqft select`` for each fold, each in a fresh process (this one is shutting down: no new threads or
+    exit hooks), reusing a buffer made with the same inputs; returns the buffer files."""
+    import subprocess
+
     import torch
 
-    from nnunetv2_medseqft.method.buffer import buffer_file_path, select_buffer
+    from nnunetv2_medseqft.method.buffer import buffer_file_path
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     files = []
     for fold in folds:
-        select_buffer(dataset_name, fold, plans["plans_name"], configuration, device=device, progress=False, log=log)
+        cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "select", "-d", dataset_name, "-f", str(fold),
+               "-p", plans["plans_name"], "-c", configuration, "--device", device]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError((proc.stderr or proc.stdout).strip().splitlines()[-1] if (proc.stderr or proc.stdout)
+                               else f"medseqft select exited with {proc.returncode}")
         files.append(buffer_file_path(dataset_name, fold, plans["plans_name"], configuration))
     return files
 
@@ -71,7 +79,7 @@ def schedule_buffers(dataset_name: str, plans: dict, configuration: str = "3d_fu
         print(f"MedSeqFTPlanner: MDS buffers of {dataset_name}, folds {' '.join(map(str, folds))} "
               f"(set {FOLDS_ENV}=none to skip)...")
         try:
-            for path in write_buffers(dataset_name, plans, configuration, folds, log=lambda *_: None):
+            for path in write_buffers(dataset_name, plans, configuration, folds):
                 print(f"  {path}")
         except Exception as e:  # the plans and data are written and fine; only the buffers are missing
             print(f"MedSeqFTPlanner: no MDS buffers for {dataset_name}: {type(e).__name__}: {e}\n"
