@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from nnunetv2_medseqft.checkpoints import load_checkpoint_file, sha256_file, state_fingerprint  # noqa: F401 (re-export)
+from nnunetv2_medseqft.checkpoints import load_checkpoint_file, sha256_file
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import architecture_mismatches, describe_network
 
