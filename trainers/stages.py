@@ -10,8 +10,6 @@ F_t; LoRA factors, norms and head train), the feature taps, and its verbs: ``tra
 
 from __future__ import annotations
 
-import os
-
 import torch
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2_medseqft.trainers.steps import backward_and_step
@@ -94,5 +92,5 @@ class RFTStage:
         for taps in self.taps.values():
             taps.remove()
         if adapter_folder is not None:
-            adapters.save_adapter(self.student, os.path.join(adapter_folder))
+            adapters.save_adapter(self.student, adapter_folder)
         return adapters.merge(self.student)
