@@ -81,14 +81,56 @@ def load_checkpoint_file(path: str, what: str = "checkpoint") -> dict:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """Write next to the target and rename: a crash mid-write never leaves a truncated checkpoint."""
+    """Write next to the target and rename: a crash mid-write never leaves a truncated checkpoint. Tensors are
+    saved from the CPU, so the file loads on any machine, also through nnU-Net's ``-pretrained_weights`` loader
+    (``torch.load`` without ``map_location``)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        torch.save(to_cpu(obj), tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def to_cpu(obj):
+    """Every tensor in a nested checkpoint structure on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(to_cpu(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def saved_devices(path: str) -> set[str]:
+    """The devices a checkpoint's tensors were saved from ('cpu', 'cuda:0', ...), read without a GPU."""
+    seen = set()
+
+    def record(storage, location):
+        seen.add(location)
+        return storage
+
+    torch.load(path, map_location=record, weights_only=False)
+    return seen
+
+
+def loadable_here(path: str, copy_folder: str) -> str:
+    """``path`` if nnU-Net can load it on this machine, else a CPU copy in ``copy_folder``.
+
+    nnU-Net's ``-pretrained_weights`` loader calls ``torch.load`` without ``map_location``: a checkpoint
+    saved from a GPU fails on a machine without one. Checkpoints of this plugin are saved on the CPU;
+    this covers the others (a foundation trained elsewhere)."""
+    if torch.cuda.is_available() or not any(d.startswith("cuda") for d in saved_devices(path)):
+        return path
+    os.makedirs(copy_folder, exist_ok=True)
+    out = os.path.join(copy_folder, f"{sha256_file(path)[:16]}-{os.path.basename(path)}")
+    if not os.path.isfile(out):
+        atomic_torch_save(load_checkpoint_file(path), out)
+    return out
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:

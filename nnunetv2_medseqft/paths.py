@@ -36,6 +36,22 @@ def raw_root() -> str:
     return _root("nnUNet_raw")
 
 
+def require_writable(var: str) -> str:
+    """The root ``$var``, created if needed and checked by writing a file (permissions and read-only mounts
+    alike, also for root); MedSeqFTError before any work if that fails."""
+    import tempfile
+
+    root = _root(var)
+    try:
+        os.makedirs(root, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".medseqft_write_test"):
+            pass
+    except OSError as e:
+        raise MedSeqFTError(f"${var} ({root}) is not writable ({e.strerror or e}). Point ${var} to a folder you can "
+                            f"write ({_ROOTS[var]}); nothing was written.") from None
+    return root
+
+
 def preprocessed_root() -> str:
     return _root("nnUNet_preprocessed")
 

@@ -1,7 +1,9 @@
 """MedSeqFTPlanner / ``medseqft plan``: downstream plans identical to the foundation's, usable by stock nnU-Net."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import FIRST_TASK_ID
@@ -97,3 +99,58 @@ def test_stock_plan_and_preprocess_leaves_mds_buffers(planned_task, tiny_foundat
     assert len(record["buffer"]) == record["k"] >= 1
     assert set(record["buffer"]) <= set(record["key"]["training_cases"])
     assert not (planned_task.preprocessed / f"mds_buffer__{plans}__3d_fullres__fold1.json").exists()  # only fold 0
+
+
+def _broken_copy(nnunet, source_id: int, target: str) -> Path:
+    """A copy of a generated raw dataset under another id (the session's datasets stay intact)."""
+    import shutil
+
+    source = next(nnunet.raw.glob(f"Dataset{source_id}_*"))
+    folder = nnunet.raw / target
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(source, folder)
+    return folder
+
+
+def test_broken_cases_are_named_before_planning(nnunet, tiny_foundation):
+    """Undeclared label values (nnU-Net trains on them silently), NaN and infinite intensities: each case is
+    named with its problem, and nothing is planned."""
+    import SimpleITK as sitk
+
+    folder = _broken_copy(nnunet, 501, "Dataset961_BrokenLiver")
+    labels, images = sorted((folder / "labelsTr").iterdir()), sorted((folder / "imagesTr").iterdir())
+
+    def edit(path, change):
+        image = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(image)
+        array = array.astype(float) if "imagesTr" in str(path) else array
+        change(array)
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(image)
+        sitk.WriteImage(out, str(path))
+
+    edit(labels[0], lambda a: a.__setitem__((0, 0, 0), 7))
+    edit(images[1], lambda a: a.__setitem__((1, 1, 1), np.nan))
+    edit(images[2], lambda a: a.__setitem__((1, 1, 1), np.inf))
+    proc = run(["medseqft", "plan", "-d", "961", "--foundation", str(tiny_foundation)], nnunet, check=False)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr
+    assert "3 of" in err and "training cases are broken" in err and "Traceback" not in err
+    assert f"{labels[0].name.split('.')[0]}: the label file holds values [7] that dataset.json does not declare" in err
+    assert f"{images[1].name[:-len('_0000.nii.gz')]}: Images contain NaN" in err
+    assert f"{images[2].name[:-len('_0000.nii.gz')]}: the image holds infinite values" in err
+    assert not (nnunet.preprocessed / "Dataset961_BrokenLiver").exists()
+
+
+def test_cases_smaller_than_the_patch_are_warned_about(nnunet, tiny_foundation):
+    """Geometry the foundation's plans serve badly trains, but never silently."""
+    import SimpleITK as sitk
+
+    folder = _broken_copy(nnunet, 501, "Dataset962_ThinLiver")
+    for sub in ("imagesTr", "labelsTr"):
+        for path in sorted((folder / sub).iterdir())[:2]:
+            image = sitk.ReadImage(str(path))
+            sitk.WriteImage(image[:, :, :4], str(path))  # 4 slices
+    proc = run(["medseqft", "plan", "-d", "962", "--foundation", str(tiny_foundation)], nnunet)
+    assert "WARNING Dataset962_ThinLiver: 2 of" in proc.stdout and "smaller than half the foundation's patch" in \
+        proc.stdout, proc.stdout

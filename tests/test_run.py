@@ -124,6 +124,7 @@ def test_medseqft_run_resumes_after_sigkill_without_touching_finished_work(nnune
     assert steps["train/Dataset501_MSFTLiver"]["attempts"] == 1  # never redone
     assert "step 1/" not in resumed.stdout  # finished steps are skipped silently
     assert "train/Dataset502_MSFTSpleen" in resumed.stdout
+    assert "MDS: scoring" in resumed.stdout  # the select step shows what it does, not minutes of silence
 
 
 def test_medseqft_run_results_are_in_range(nnunet, medseqft_run):
@@ -153,6 +154,7 @@ def test_changed_settings_are_refused_for_an_existing_run(nnunet, tiny_foundatio
     before = (nnunet.results / "medseqft_runs" / name / "manifest.json").read_bytes()
     proc = run(run_cmd(tiny_foundation, name, "medseqft", "--seed", "3"), nnunet, check=False)
     assert proc.returncode == 2 and "exists with other settings" in proc.stderr and "seed" in proc.stderr
+    assert "--seed 3" not in proc.stderr  # the hint repeats the run's own command, not the refused one
     assert (nnunet.results / "medseqft_runs" / name / "manifest.json").read_bytes() == before
 
 
@@ -207,7 +209,131 @@ def test_models_of_a_deleted_run_are_not_taken_for_another_settings_run(nnunet, 
         proc = run(run_cmd(tiny_foundation, name, "medseqft", "--seed", "5"), nnunet, check=False)
         # the MDS seed follows the run's seed, so both settings differ
         assert proc.returncode == 2 and "trained with other settings (mds, seed differ)" in proc.stderr, proc.stderr
+        assert "cannot get past this" in proc.stdout  # not a bare "Resume with": the same command fails again
         assert Path(model).read_bytes() == before
     finally:
         shutil.rmtree(nnunet.results / "medseqft_runs" / name, ignore_errors=True)
         shutil.move(str(moved), nnunet.results / "medseqft_runs" / name)
+
+
+# ---------------------------------------------------------------- child errors, attempts, finished records
+
+def test_child_failure_names_the_first_error_and_whether_resuming_helps(tmp_path):
+    from nnunetv2_medseqft.sequence.train_process import child_failure
+
+    log = tmp_path / "train.log"
+    log.write_text("epoch 0\nTraceback (most recent call last):\n  File \"loader.py\", line 3, in load\n"
+                   "AssertionError: Images contains NaN values\n\nTraceback (most recent call last):\n"
+                   "  File \"nnUNetTrainer.py\", line 9\nRuntimeError: One or more background workers are no longer "
+                   "alive. Exiting. Please check the print statements above for the actual error message\n")
+    crash = child_failure(["nnUNetv2_train", "501"], 1, str(log), log.read_text().splitlines())
+    assert "First error in its log: AssertionError: Images contains NaN values" in str(crash)
+    assert f"Log: {log}" in str(crash) and crash.resumable
+    log.write_text("Traceback (most recent call last):\n  File \"x.py\"\nnnunetv2_medseqft.errors.MedSeqFTError: "
+                   "LoRA rank 9 exceeds ...\n")
+    refused = child_failure(["nnUNetv2_train", "501"], 1, str(log), [])
+    assert "LoRA rank 9 exceeds" in str(refused) and not refused.resumable
+
+
+def test_an_earlier_attempt_is_kept_not_replaced(tmp_path):
+    from nnunetv2_medseqft.sequence.train_process import keep_previous_attempt
+
+    log = tmp_path / "02_train_x.log"
+    assert keep_previous_attempt(str(log)) is None
+    for text in ("first", "second"):
+        log.write_text(text)
+        keep_previous_attempt(str(log))
+    assert not log.exists()
+    assert (tmp_path / "02_train_x.attempt1.log").read_text() == "first"
+    assert (tmp_path / "02_train_x.attempt2.log").read_text() == "second"
+    folder = tmp_path / "fold_0"
+    folder.mkdir()
+    (folder / "checkpoint_fft.pth").write_bytes(b"F_t")
+    assert keep_previous_attempt(str(folder)) == str(tmp_path / "fold_0.attempt1")
+    assert (tmp_path / "fold_0.attempt1" / "checkpoint_fft.pth").read_bytes() == b"F_t"
+
+
+def test_short_budgets_write_checkpoint_latest_often_enough_to_continue():
+    from types import SimpleNamespace
+
+    from nnunetv2_medseqft.plugin.variants import apply_budget
+
+    for epochs, expected in ((16, 1), (100, 10), (1000, 50)):
+        trainer = SimpleNamespace(save_every=50, num_epochs=1000)  # nnU-Net's defaults
+        apply_budget(trainer, {"num_epochs": epochs})
+        assert trainer.num_epochs == epochs and trainer.save_every == expected
+    trainer = SimpleNamespace(save_every=50, num_epochs=1000)
+    apply_budget(trainer, {"num_epochs": 16, "save_every": 8})
+    assert trainer.save_every == 8
+
+
+def test_a_same_size_change_of_a_finished_output_is_caught(tmp_path):
+    from nnunetv2_medseqft.sequence.manifest import Manifest, file_record
+
+    out = tmp_path / "buffer.json"
+    out.write_text('{"buffer": ["case_001"]}')
+    m = Manifest.open(str(tmp_path / "run"), "r1", {"seed": 0}, "medseqft run ...")
+    m.finish("select/x", m.start("select/x", {"kind": "select"}), {"buffer": file_record(str(out))})
+    m.check_done_outputs("select/x")
+    out.write_text('{"buffer": ["case_002"]}')  # same size, other content
+    with pytest.raises(MedSeqFTError, match="changed content"):
+        m.check_done_outputs("select/x")
+
+
+def test_select_never_overwrites_the_buffer_a_run_recorded(nnunet, medseqft_run):
+    name = medseqft_run[0]
+    recorded = manifest(nnunet, name)["steps"]["select/Dataset501_MSFTLiver"]["outputs"]["buffer"]
+    buffer = Path(recorded["path"])
+    before, manifest_before = buffer.read_bytes(), (nnunet.results / "medseqft_runs" / name / "manifest.json").read_bytes()
+    proc = run(["medseqft", "select", "-d", "501", "-f", "0", "-p", f"MedSeqFTPlans_{name}", "--k", "1"], nnunet,
+               check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"MDS buffer of run(s) {name}" in proc.stderr and "Nothing was written" in proc.stderr
+    assert buffer.read_bytes() == before
+    assert (nnunet.results / "medseqft_runs" / name / "manifest.json").read_bytes() == manifest_before
+
+
+def test_mds_status_lines_give_draws_and_an_eta():
+    from nnunetv2_medseqft.method.mds import _StatusLines
+
+    lines = []
+    status = _StatusLines(lines.append, every=0.0)
+    time.sleep(0.01)
+    status(40, 100, "3/8 cases settled")
+    assert len(lines) == 1 and lines[0].startswith("MDS: 3/8 cases settled, 40 draws, ") and "ETA <= " in lines[0]
+    _StatusLines(None, every=0.0)(1, 2, "x")  # no report: silent
+
+
+def test_an_unwritable_results_folder_is_refused_before_any_work(nnunet, tiny_foundation):
+    env_root = "/sys/fs/medseqft_results"  # a read-only mount: refused even for root
+    proc = subprocess.run([str(BIN / "medseqft"), "run", "--foundation", str(tiny_foundation), "--datasets", "501",
+                           "--name", "ro"], env={**nnunet.env(), "nnUNet_results": env_root}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and f"$nnUNet_results ({env_root}) is not writable" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_gpu_saved_start_model_is_handed_to_nnunet_as_a_cpu_copy(tmp_path, tiny_foundation, monkeypatch):
+    """nnU-Net's -pretrained_weights loader has no map_location: a GPU-saved foundation fails on a CPU machine."""
+    import torch
+    import torch.serialization
+
+    from nnunetv2_medseqft.checkpoints import atomic_torch_save, load_checkpoint_file, loadable_here, saved_devices
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    ckpt = load_checkpoint_file(str(tiny_foundation))
+    gpu = tmp_path / "gpu_saved.pth"
+    with monkeypatch.context() as m:  # the location tags torch.save writes for tensors on a GPU
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(ckpt, gpu)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(gpu, weights_only=False)  # what nnU-Net's loader does
+    copy = loadable_here(str(gpu), str(tmp_path / "start_models"))
+    assert copy != str(gpu) and saved_devices(copy) == {"cpu"}
+    weights = torch.load(copy, weights_only=False)["network_weights"]
+    assert all(torch.equal(weights[k], v) for k, v in ckpt["network_weights"].items())
+    assert loadable_here(copy, str(tmp_path / "again")) == copy
+    mine = tmp_path / "ours.pth"
+    atomic_torch_save(ckpt, str(mine))
+    assert saved_devices(str(mine)) == {"cpu"}

@@ -2,35 +2,48 @@
 
 from __future__ import annotations
 
+import os
+
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.paths import dataset_name
 
 
 def plan_dataset(dataset_name_or_id, foundation: str, configuration: str = "3d_fullres", num_processes: int = 2,
-                 plans_name: str | None = None, verify_dataset_integrity: bool = False, mds=None) -> str:
+                 plans_name: str | None = None, mds=None, warn=print) -> str:
     """Plan + preprocess one dataset with the foundation's plans; returns the plans name."""
-    return plan_datasets([dataset_name_or_id], foundation, configuration, num_processes, plans_name,
-                         verify_dataset_integrity, mds)
+    return plan_datasets([dataset_name_or_id], foundation, configuration, num_processes, plans_name, mds, warn)
 
 
 def plan_datasets(datasets: list, foundation: str, configuration: str = "3d_fullres", num_processes: int = 2,
-                  plans_name: str | None = None, verify_dataset_integrity: bool = False, mds=None) -> str:
-    """Several datasets in one fingerprinting and one preprocessing call (nnU-Net's worker pools start once)."""
+                  plans_name: str | None = None, mds=None, warn=print) -> str:
+    """Several datasets in one fingerprinting and one preprocessing call (nnU-Net's worker pools start once).
+
+    Every training case is checked first (``raw_checks``): a broken case is refused, named, before any work;
+    ``warn`` gets what trains but not as planned (background-only labels, cases smaller than the patch)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
+    from nnunetv2_medseqft.paths import raw_dataset, raw_root
     from nnunetv2_medseqft.planners.medseqft_planner import DEFAULT_PLANS_NAME, MedSeqFTPlanner
+    from nnunetv2_medseqft.raw_checks import check_raw_dataset, small_geometry_warnings
 
-    ids = [int(dataset_name(d)[len("Dataset"):len("Dataset") + 3]) for d in datasets]
-    extract_fingerprints(ids, num_processes=num_processes, check_dataset_integrity=verify_dataset_integrity,
-                         clean=False, verbose=False)
+    names = [dataset_name(d) for d in datasets]
+    for name in names:
+        for w in check_raw_dataset(name, num_processes):
+            warn(f"WARNING {name}: {w}")
+    ids = [int(name[len("Dataset"):len("Dataset") + 3]) for name in names]
+    extract_fingerprints(ids, num_processes=num_processes, check_dataset_integrity=False, clean=False, verbose=False)
     identifier = None
-    for dataset_id in ids:
+    for name, dataset_id in zip(names, ids):
         planner = MedSeqFTPlanner(dataset_id, plans_name=plans_name or DEFAULT_PLANS_NAME, foundation=foundation,
                                   mds=mds)
         plans = planner.plan_experiment()
         if configuration not in plans["configurations"]:
             raise MedSeqFTError(f"The foundation's plans have no configuration '{configuration}' "
                                 f"(available: {sorted(plans['configurations'])}).")
+        cases = list(get_filenames_of_train_images_and_targets(os.path.join(raw_root(), name), raw_dataset(name)[1]))
+        for w in small_geometry_warnings(plans, configuration, planner.dataset_fingerprint, cases):
+            warn(f"WARNING {name}: {w}")
         identifier = planner.plans_identifier
     preprocess(ids, identifier, configurations=(configuration,), num_processes=(num_processes,), verbose=False)
     return identifier
@@ -38,7 +51,7 @@ def plan_datasets(datasets: list, foundation: str, configuration: str = "3d_full
 
 def run(args) -> int:
     for d in args.d:
-        plans_name = plan_dataset(d, args.foundation, args.c, args.np, args.plans_name, args.verify_dataset_integrity)
+        plans_name = plan_dataset(d, args.foundation, args.c, args.np, args.plans_name)
         print(f"{dataset_name(d)}: planned with the foundation's plans as '{plans_name}' and preprocessed "
               f"({args.c}). Train with: nnUNetv2_train {d} {args.c} FOLD -tr MedSeqFTTrainer -p {plans_name} "
               f"-pretrained_weights PREVIOUS_MODEL/checkpoint_final.pth")
@@ -53,5 +66,5 @@ def configure_parser(parser, name: str) -> None:
     parser.add_argument("-np", type=int, default=2, help="processes for fingerprinting/preprocessing (default: 2)")
     parser.add_argument("--plans-name", default=None, help="plans identifier to write (default: MedSeqFTPlans)")
     parser.add_argument("--verify_dataset_integrity", action="store_true",
-                        help="run nnU-Net's dataset integrity check first")
+                        help="accepted for nnU-Net's muscle memory: every case is always checked before planning")
     parser.set_defaults(func=run)

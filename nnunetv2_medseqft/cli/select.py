@@ -44,13 +44,21 @@ def settings_from_args(args, base: MDSSettings) -> MDSSettings:
 
 def run(args) -> int:
     from nnunetv2_medseqft.method.buffer import select_buffer
+    from nnunetv2_medseqft.sequence.run_record import refuse_if_recorded
 
     if args.repeats is not None and (args.max_repeats is not None or args.min_repeats is not None):
         raise MedSeqFTError("--repeats (fixed mode) and --min-repeats/--max-repeats (adaptive mode) exclude each "
                             "other: give one of them.")
     settings = settings_from_args(args, planned_settings(args.d, args.p))
+
+    def keep_run_buffers(path: str) -> None:
+        refuse_if_recorded(path, "MDS buffer", f"To score with other settings, plan under your own plans name "
+                           f"(medseqft plan -d {args.d} --plans-name NAME, then medseqft select -p NAME) or start "
+                           "a new medseqft run.")
+
     record = select_buffer(args.d, args.f, plans_name=args.p, configuration=args.c, foundation_path=args.foundation,
-                           settings=settings, device=args.device, progress=True, force=args.force)
+                           settings=settings, device=args.device, progress=True, force=args.force,
+                           before_overwrite=keep_run_buffers)
     print(" ".join(record["buffer"]))
     return 0
 

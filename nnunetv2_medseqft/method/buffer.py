@@ -3,7 +3,8 @@
 The result is one JSON file next to ``splits_final.json`` (never inside the data folder, where an extra
 file breaks nnU-Net's loader): ``mds_buffer__<plans>__<configuration>__fold<F>.json``. Its ``key``
 (plans, configuration, fold, foundation sha256, SSL and MDS settings, patch size, training cases)
-decides reuse: same key -> the stored record is returned; any difference -> recomputed and overwritten.
+decides reuse: same key -> the stored record is returned; any difference -> recomputed and overwritten
+(``medseqft select`` refuses instead when a run's manifest records the file).
 """
 
 from __future__ import annotations
@@ -148,11 +149,13 @@ def load_buffer(dataset_name_or_id, fold, plans_name: str = "MedSeqFTPlans", con
 def select_buffer(dataset_name_or_id, fold, plans_name: str = "MedSeqFTPlans", configuration: str = "3d_fullres",
                   foundation_path: str | None = None, settings: MDSSettings | None = None,
                   device: str | torch.device = "cpu", progress: bool = True, force: bool = False,
-                  log: Callable[[str], None] | None = print) -> dict:
+                  log: Callable[[str], None] | None = print,
+                  before_overwrite: Callable[[str], None] | None = None) -> dict:
     """Score the fold's training cases and write the buffer file; reuse a stored one made with the same inputs.
 
     foundation_path / settings default to the plans' ``medseqft`` section. ``log`` gets status lines
     (trainers can pass ``self.print_to_log_file``); ``progress`` shows a progress bar and the summary table.
+    ``before_overwrite(path)`` is called before a stored buffer would be replaced, and may refuse (raise).
     """
     log = log or (lambda *_: None)
     inputs = prepare(dataset_name_or_id, fold, plans_name, configuration, foundation_path, settings, log)
@@ -165,12 +168,14 @@ def select_buffer(dataset_name_or_id, fold, plans_name: str = "MedSeqFTPlans", c
             return stored
         reason = "--force" if force and not diff else \
             "unreadable" if stored is None else f"made with other inputs ({', '.join(diff)})"
+        if before_overwrite is not None:
+            before_overwrite(path)
         log(f"MDS: recomputing buffer {path}: stored file is {reason}.")
     mode = f"fixed, {inputs.settings.repeats} draws" if inputs.settings.repeats else \
         f"adaptive, {inputs.settings.min_repeats}..{inputs.settings.max_repeats} draws"
     log(f"MDS: scoring {len(inputs.cases)} training cases of {inputs.dataset_name} fold {inputs.fold} "
         f"({mode}) for a buffer of K={inputs.k}")
-    record = score(inputs, device, progress)
+    record = score(inputs, device, progress, report=None if progress else log)
     write_json_atomic(record, path)
     if progress:
         log(summary_table(record, case_sites(inputs.dataset_name)))

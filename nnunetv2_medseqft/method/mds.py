@@ -132,11 +132,29 @@ def _boundary(means: np.ndarray, k: int) -> float | None:
     return float((srt[k - 1] + srt[k]) / 2.0)
 
 
+class _StatusLines:
+    """Progress as a line every ``every`` seconds (for logs and ``medseqft run``'s console, where a bar is not)."""
+
+    def __init__(self, report, every: float = 15.0):
+        self.report, self.every = report, every
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, most: int, state: str) -> None:
+        """``done`` draws so far, ``most`` an upper bound of the draws this scoring needs."""
+        now = time.perf_counter()
+        if self.report is None or now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        self.report(f"MDS: {state}, {done} draws, {rate:.1f} draws/s, ETA <= {(most - done) / rate / 60:.1f} min")
+
+
 def score(inputs: MDSInputs, device: str | torch.device = "cpu", progress: bool = True,
-          scorer: SSLScorer | None = None) -> dict:
+          scorer: SSLScorer | None = None, report=None) -> dict:
     """Score the fold's training cases (fixed or adaptive repeats) and return the buffer record.
 
-    ``scorer``: an SSLScorer of ``inputs.foundation`` to reuse (default: built here, on ``device``)."""
+    ``scorer``: an SSLScorer of ``inputs.foundation`` to reuse (default: built here, on ``device``).
+    ``report``: gets a status line (cases settled, draws, ETA) every 15 s, for output without a progress bar."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from tqdm import tqdm
 
@@ -151,9 +169,11 @@ def score(inputs: MDSInputs, device: str | torch.device = "cpu", progress: bool 
     with tqdm(total=n * cap, unit="draw", desc="MDS scoring", disable=not progress, dynamic_ncols=True) as bar:
         engine = _Engine(scorer or SSLScorer(inputs.foundation, device), dataset, inputs.key["patch_size"],
                          s.draws_per_batch, bar)
+        status = _StatusLines(report)
         for i, case in enumerate(cases):
             engine.draw(case, first)
             bar.set_postfix_str(f"cases {i + 1}/{n}")
+            status(sum(c.n for c in cases), n * cap, f"first draws of {i + 1}/{n} cases")
         while adaptive:
             open_cases, _ = _unsettled(cases, k, z, s.tolerance)
             open_cases = [c for c in open_cases if c.n < cap]
@@ -163,6 +183,8 @@ def score(inputs: MDSInputs, device: str | torch.device = "cpu", progress: bool 
                 break
             for case in open_cases:
                 engine.draw(case, min(cap, case.n + s.draws_per_batch))
+                done = sum(c.n for c in cases)
+                status(done, done + sum(cap - c.n for c in open_cases), f"{n - len(open_cases)}/{n} cases settled")
     unsettled, boundary = _unsettled(cases, k, z, s.tolerance)
     means = np.array([c.stats()[0] for c in cases])
     order = sorted(range(n), key=lambda i: (means[i], cases[i].key))

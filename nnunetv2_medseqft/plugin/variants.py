@@ -43,6 +43,10 @@ def apply_budget(trainer, budget: dict) -> None:
             if int(value) < MIN_BUDGET.get(key, 1):
                 raise MedSeqFTError(f"medseqft.budget.{key} must be >= {MIN_BUDGET.get(key, 1)}, got {value}.")
             setattr(trainer, BUDGET_KEYS[key], int(value))
+    if budget.get("num_epochs") and budget.get("save_every") is None:
+        # nnU-Net writes checkpoint_latest.pth every 50 epochs: a short budget would never have one, and an
+        # interrupted training would restart instead of continuing. About ten per training, at most every 50.
+        trainer.save_every = max(1, min(trainer.save_every, int(budget["num_epochs"]) // 10))
 
 
 def seed_everything(seed: int) -> None:

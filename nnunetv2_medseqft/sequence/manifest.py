@@ -95,7 +95,8 @@ class Manifest:
         if diff:
             lines = "\n".join(f"  {k}: stored {data['settings'].get(k)!r}, now {settings.get(k)!r}" for k in diff)
             raise MedSeqFTError(f"Run '{name}' exists with other settings:\n{lines}\nResume it with its own settings "
-                                f"({resume_hint}) or choose another --name. Results are never mixed.")
+                                f"({data.get('command') or resume_hint}) or choose another --name. Results are "
+                                "never mixed.")
         return cls(folder, data)
 
     def save(self) -> None:
@@ -111,12 +112,20 @@ class Manifest:
         return bool(record) and record["status"] == "done"
 
     def check_done_outputs(self, key: str) -> None:
-        """A done step's files must still be there, unchanged in size: never silently redo finished work."""
+        """A done step's files must still be there, unchanged (size, then sha256): never silently build on a
+        changed file or redo finished work."""
         for label, rec in (self.step(key).get("outputs") or {}).items():
-            if isinstance(rec, dict) and "bytes" in rec and (  # files that later steps append to carry no size
-                    not os.path.isfile(rec["path"]) or os.path.getsize(rec["path"]) != rec["bytes"]):
-                raise MedSeqFTError(f"Step '{key}' is done but its output {label} ({rec['path']}) is missing or "
-                                    "changed. Restore it, or start a new run with another --name.")
+            if not (isinstance(rec, dict) and "bytes" in rec):  # files that later steps append to carry no size
+                continue
+            path = rec["path"]
+            problem = "is missing" if not os.path.isfile(path) else \
+                f"changed size ({os.path.getsize(path)} bytes, recorded {rec['bytes']})" \
+                if os.path.getsize(path) != rec["bytes"] else \
+                "changed content (sha256 differs from the recorded one)" \
+                if rec.get("sha256") and sha256_file(path) != rec["sha256"] else None
+            if problem:
+                raise MedSeqFTError(f"Step '{key}' is done but its output {label} ({path}) {problem}. Restore the "
+                                    "file, or start a new run with another --name.")
 
     def start(self, key: str, info: dict) -> float:
         previous = self.step(key) or {}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import check_channels, load_foundation
 from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings
-from nnunetv2_medseqft.paths import fold_training_count, parse_fold, raw_dataset
+from nnunetv2_medseqft.paths import fold_training_count, parse_fold, raw_dataset, require_writable
 from nnunetv2_medseqft.plugin.variants import BUDGET_KEYS, MIN_BUDGET
 from nnunetv2_medseqft.sequence.layout import check_run_name
 from nnunetv2_medseqft.sequence.recipes import get_method
@@ -77,6 +77,8 @@ class RunRequest:
 def validate(request: RunRequest):
     """Every check that needs no training, before anything is written. Returns the loaded foundation."""
     check_run_name(request.name)
+    for root in ("nnUNet_preprocessed", "nnUNet_results"):  # plans, buffers, models and the run's records
+        require_writable(root)
     method = get_method(request.method)
     request.fold = parse_fold(request.fold)
     if not request.datasets:

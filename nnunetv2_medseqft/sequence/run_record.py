@@ -8,7 +8,7 @@ import os
 from nnunetv2_medseqft.checkpoints import verify_sha256
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.jsonio import read_json
-from nnunetv2_medseqft.sequence.layout import MANIFEST_FILE, resolve_run
+from nnunetv2_medseqft.sequence.layout import MANIFEST_FILE, resolve_run, runs_root
 from nnunetv2_medseqft.sequence.manifest import check_manifest_format
 
 
@@ -76,3 +76,26 @@ def task_models(manifest: dict) -> list[tuple[str, str]]:
                                 "first.")
         tasks.append((dataset, step["outputs"]["model"]["path"]))
     return tasks
+
+
+def runs_recording(path: str) -> list[str]:
+    """Names of the runs whose manifest records ``path`` as a step output."""
+    target, names = os.path.abspath(path), []
+    root = runs_root()
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        try:
+            steps = read_json(os.path.join(root, name, MANIFEST_FILE)).get("steps") or {}
+        except (OSError, ValueError):
+            continue
+        if any(isinstance(rec, dict) and rec.get("path") == target
+               for step in steps.values() for rec in (step.get("outputs") or {}).values()):
+            names.append(name)
+    return names
+
+
+def refuse_if_recorded(path: str, what: str, fix: str) -> None:
+    """A file a run's manifest records is that run's: another command never overwrites it."""
+    runs = runs_recording(path)
+    if runs:
+        raise MedSeqFTError(f"{path} is the {what} of run(s) {', '.join(runs)} (recorded in their manifest); "
+                            f"overwriting it would leave them unable to resume or report. Nothing was written. {fix}")

@@ -128,18 +128,24 @@ def run_sequence(request: RunRequest, log=print) -> str:
     os.environ.setdefault("nnUNet_compile", "f" if request.device == "cpu" else "t")
     with RunLock(folder):
         manifest = Manifest.open(folder, request.name, request.settings(foundation.sha256), request.command)
+        # saved with the next step: a re-run that is refused (or has nothing left to do) leaves the manifest as it was
         manifest.data["foundation"] = {"path": os.path.abspath(request.foundation), "sha256": foundation.sha256}
-        manifest.data["command"] = request.command
-        manifest.save()
+        manifest.data.setdefault("command", request.command)  # the first command: resumes repeat its settings
+        if not manifest.data["steps"]:
+            manifest.save()
         runner = Runner(request, foundation, manifest, log=log)
         try:
             runner.run()
         except (Exception, KeyboardInterrupt) as e:
             log(f"[{request.name}] stopped: everything finished so far is kept in {folder}.")
-            log(f"Resume with: {request.command}")
+            if not isinstance(e, MedSeqFTError) or e.resumable:
+                log(f"Resume with: {request.command}")
+            else:
+                log("Resuming with the same command cannot get past this: fix what the message below names, then "
+                    f"resume with: {request.command}")
             if isinstance(e, MedSeqFTError):
                 raise
-            raise MedSeqFTError(f"{type(e).__name__}: {e}") from e
+            raise MedSeqFTError(f"{type(e).__name__}: {e}", resumable=True) from e
     log(f"[{request.name}] done: {os.path.join(folder, RESULTS_FILE)}")
     return folder
 

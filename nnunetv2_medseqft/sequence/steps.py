@@ -7,7 +7,7 @@ import contextlib
 import fcntl
 import os
 
-from nnunetv2_medseqft.checkpoints import load_checkpoint_file
+from nnunetv2_medseqft.checkpoints import load_checkpoint_file, loadable_here
 from nnunetv2_medseqft.cli.plan import plan_datasets
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.jsonio import read_json, write_json_atomic
@@ -15,7 +15,7 @@ from nnunetv2_medseqft.method.buffer import buffer_file_path, select_buffer
 from nnunetv2_medseqft.paths import preprocessed_root, raw_dataset_json
 from nnunetv2_medseqft.sequence.layout import LOGS_FOLDER
 from nnunetv2_medseqft.sequence.manifest import file_record
-from nnunetv2_medseqft.sequence.train_process import output_to, train_with_progress
+from nnunetv2_medseqft.sequence.train_process import keep_previous_attempt, output_to, train_with_progress
 from nnunetv2_medseqft.sequence.union_dataset import build_union_dataset
 
 
@@ -39,9 +39,13 @@ class TaskSteps:
             if todo:
                 log_file = os.path.join(self.folder, LOGS_FOLDER, f"{self.step_index:02d}_plan.log")
                 self.log(f"  planning with the foundation's plans and preprocessing {', '.join(todo)} (log: {log_file})")
+                warnings = []
                 with output_to(log_file):
                     plan_datasets(todo, self.request.foundation, self.request.configuration,
-                                  num_processes=int(os.environ.get("nnUNet_def_n_proc", 2)), plans_name=self.base_plans)
+                                  num_processes=int(os.environ.get("nnUNet_def_n_proc", 2)), plans_name=self.base_plans,
+                                  warn=warnings.append)
+                for w in warnings:  # on the console, not only in the log
+                    self.log(f"  {w}")
         return {f"plans {d}": file_record(f) for d, f in plans_files.items()}
 
     def _is_preprocessed(self, dataset: str, plans_file: str) -> bool:
@@ -83,7 +87,7 @@ class TaskSteps:
 
         plans = self._write_run_plans(dataset, self._start_model(i))
         record = select_buffer(dataset, self.request.fold, plans_name=plans, configuration=self.request.configuration,
-                               device=self.request.device, progress=False, log=lambda *a: None)
+                               device=self.request.device, progress=False, log=lambda line: self.log(f"  {line}"))
         self.log(f"  MDS buffer of {dataset}: {' '.join(record['buffer'])}")
         return {"buffer": file_record(buffer_file_path(dataset, self.request.fold, plans, self.request.configuration))}
 
@@ -110,7 +114,9 @@ class TaskSteps:
             if os.path.isfile(os.path.join(folder, "checkpoint_latest.pth")):
                 cmd.append("--c")  # an interrupted training continues where its last checkpoint left it
             else:
-                cmd += ["-pretrained_weights", start_model]
+                if os.path.isdir(folder) and os.listdir(folder):  # an attempt that died before its first checkpoint
+                    self.log(f"  keeping the previous attempt's files in {keep_previous_attempt(folder)}")
+                cmd += ["-pretrained_weights", loadable_here(start_model, os.path.join(self.folder, "start_models"))]
             log_file = os.path.join(self.folder, LOGS_FOLDER, self._log_name(dataset, from_m0))
             epochs = int(self.request.budget.get("num_epochs") or 1000)
             remaining = self._remaining_train_steps()

@@ -40,12 +40,25 @@ def _fmt(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def keep_previous_attempt(path: str) -> str | None:
+    """Move an earlier attempt's file to ``<name>.attempt<N><ext>`` (N = 1, 2, ...) so a retry never replaces it."""
+    if not os.path.exists(path):
+        return None
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(f"{stem}.attempt{n}{ext}"):
+        n += 1
+    os.replace(path, f"{stem}.attempt{n}{ext}")
+    return f"{stem}.attempt{n}{ext}"
+
+
 def train_with_progress(cmd: list[str], log_file: str, label: str, epochs: int, later_seconds=None,
                         log=print, poll: float = 1.0) -> None:
     """Run ``cmd``; print one line per epoch (epoch, stage, time per epoch, ETA of this step and of the run).
 
     ``later_seconds(step_seconds)`` estimates the rest of the run from this step's projected duration."""
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    keep_previous_attempt(log_file)
     log(f"  {label}: {' '.join(cmd)}")
     log(f"    log: {log_file}")
     start = time.time()
@@ -82,9 +95,33 @@ def train_with_progress(cmd: list[str], log_file: str, label: str, epochs: int, 
                 proc.kill()
             raise
     if proc.returncode != 0:
-        raise MedSeqFTError(f"{' '.join(cmd)} failed (exit {proc.returncode}); last lines of {log_file}:\n"
-                            + "\n".join(tail))
+        raise child_failure(cmd, proc.returncode, log_file, list(tail))
     log(f"    finished in {_fmt(time.time() - start)}")
+
+
+def first_error(lines: list[str]) -> str | None:
+    """The exception that ended the first traceback in a log: the cause, not the 'background workers are no
+    longer alive' that nnU-Net's main process reports after a loader worker died of it."""
+    inside = False
+    for line in lines:
+        if line.startswith("Traceback (most recent call last):"):
+            inside = True
+        elif inside and line and not line[0].isspace():
+            return line.strip()
+    return None
+
+
+def child_failure(cmd: list[str], returncode: int, log_file: str, tail: list[str]) -> MedSeqFTError:
+    """The error of a failed child: its first exception and its log. Resuming helps when the child crashed or
+    was killed; not when it refused its input (a MedSeqFTError of its own names the fix)."""
+    with open(log_file, errors="replace") as f:
+        cause = first_error(f.read().splitlines())
+    refused = bool(cause) and "MedSeqFTError" in cause
+    head = f"{' '.join(cmd)} failed (exit {returncode})."
+    if cause:
+        head += f"\nFirst error in its log: {cause}"
+    last = "\n".join(tail[-15:])
+    return MedSeqFTError(f"{head}\nLog: {log_file}\nLast lines:\n{last}", resumable=not refused)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,136 @@
+"""Transfer benchmark (on demand, not in CI): which foundation recipe makes full fine-tuning beat a random init.
+
+Each ARM is a way to start parallel FFT (``medseqft run --method parallel``) on the first --tasks tasks:
+  random          nnU-Net's own initialisation of the same network, seeded (the reference)
+  full            the foundation M0 as stock ``-pretrained_weights`` loads it (all but the output head)
+  encoder         M0's encoder, a freshly initialised decoder (seeded)
+  ssl-R-B         a foundation pre-trained with SSL mask ratio R and block edge B voxels (the pool's plans with
+                  a ``medseqft.ssl`` section, under the plans name ``<scale plans>_sslRbB``), loaded in full
+  ssl-R-B-encoder the encoder of that foundation, a freshly initialised decoder
+Every arm uses the same plans, budget, fold and seeds. Work lives in --workdir (a bench_scale.py workdir: its data
+and foundation are reused); runs and foundations resume where they stopped.
+
+The LAST line printed is a JSON object: {"fold", "epochs", "iterations_per_epoch", "seeds",
+"dice": {arm: {seed: {dataset: Dice}}}, "gain": {arm: mean over tasks and seeds of Dice(arm) - Dice(random)},
+"foundation_curves": {arm: reconstruction score per pre-training epoch}}.
+
+``python benchmarks/bench_transfer.py --workdir W --arms random full encoder ssl-0.75-8 --tasks 1 --seeds 0``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_mds import BIN, POOL_ID, build_foundation, random_init_foundation, set_env, sh  # noqa: E402
+from bench_scale import foundation_curve, run_parallel  # noqa: E402
+
+
+def ssl_plans(workdir: Path, scale, mask_ratio: float, block_size: int) -> str:
+    """The pool's plans with an SSL section, under a new plans name (same preprocessed data)."""
+    folder = next((workdir / "nnUNet_preprocessed").glob(f"Dataset{POOL_ID}_*"))
+    name = f"{scale.plans_name}_ssl{mask_ratio:g}b{block_size}"
+    out = folder / f"{name}.json"
+    if not out.is_file():
+        plans = json.loads((folder / f"{scale.plans_name}.json").read_text())
+        plans["plans_name"] = name
+        plans["medseqft"] = {"ssl": {"mask_ratio": mask_ratio, "block_size": block_size}}
+        out.write_text(json.dumps(plans, indent=2))
+    return name
+
+
+def ssl_foundation(workdir: Path, scale, mask_ratio: float, block_size: int) -> Path:
+    plans = ssl_plans(workdir, scale, mask_ratio, block_size)
+    res = workdir / "nnUNet_results"
+    pattern = f"Dataset{POOL_ID}_*/{scale.pretrain_trainer}__{plans}__3d_fullres/fold_all/checkpoint_final.pth"
+    if not any(res.glob(pattern)):
+        sh([str(BIN / "nnUNetv2_train"), str(POOL_ID), "3d_fullres", "all", "-tr", scale.pretrain_trainer,
+            "-p", plans, "-device", "cpu"])
+    return next(res.glob(pattern))
+
+
+def encoder_only(foundation: Path, seed: int) -> Path:
+    """M0's encoder in a seeded random initialisation of the whole network (decoder and head fresh)."""
+    import torch
+
+    from nnunetv2_medseqft.checkpoints import atomic_torch_save
+
+    out = foundation.parent / f"encoder_only_s{seed}.pth"
+    if not out.is_file():
+        m0 = torch.load(foundation, map_location="cpu", weights_only=False)
+        fresh = torch.load(random_init_foundation(foundation, seed), map_location="cpu", weights_only=False)
+        weights = copy.copy(fresh["network_weights"])
+        # the decoder holds a reference to the encoder: its 'decoder.encoder.*' keys are the encoder's
+        weights.update({k: v for k, v in m0["network_weights"].items() if k.startswith(("encoder.", "decoder.encoder."))})
+        ckpt = dict(fresh, network_weights=weights)
+        ckpt["medseqft"] = dict(ckpt["medseqft"], encoder_of=str(foundation), decoder_init_seed=seed)
+        atomic_torch_save(ckpt, str(out))
+    return out
+
+
+def main() -> None:
+    from nnunetv2_medseqft.scales import SCALES, get_scale
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--scale", default="cpu", choices=list(SCALES))
+    p.add_argument("--arms", nargs="+", default=["random", "full", "encoder"])
+    p.add_argument("--tasks", type=int, default=2)
+    p.add_argument("--fold", default="0")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the scale's)")
+    args = p.parse_args()
+    scale = get_scale(args.scale)
+    epochs = args.epochs or scale.epochs
+    workdir = Path(args.workdir).resolve()
+    set_env(workdir)
+    m0 = build_foundation(workdir, scale, "cpu")
+    tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
+    dice, curves = {}, {}
+    for arm in args.arms:
+        dice[arm] = {}
+        for seed in args.seeds:
+            if arm == "random":
+                start = random_init_foundation(m0, seed)
+            elif arm == "full":
+                start = m0
+            elif arm == "encoder":
+                start = encoder_only(m0, seed)
+            elif arm.startswith("ssl-"):
+                _, ratio, block, *part = arm.split("-")
+                start = ssl_foundation(workdir, scale, float(ratio), int(block))
+                curves[arm] = foundation_curve(start)[0]
+                if part == ["encoder"]:
+                    start = encoder_only(start, seed)
+            else:
+                raise SystemExit(f"unknown arm {arm!r}: random, full, encoder, ssl-RATIO-BLOCK[-encoder]")
+            # the run names of bench_scale.py for the arms it also runs, so their runs are shared
+            name = {"random": "scratch", "full": "pretrained"}.get(arm, arm)
+            name = "plateau" if (arm == "full" and seed == 0) else name
+            r = run_parallel(start, f"{name}-f{args.fold}-e{epochs}-s{seed}" if args.fold != "0" else
+                             f"{name}-e{epochs}-s{seed}", tasks, epochs, scale, seed, args.fold)
+            dice[arm][str(seed)] = r["tasks"]
+            print(f"{arm} seed {seed}: " + ", ".join(f"{d} {v:.1f}" for d, v in r["tasks"].items()), flush=True)
+    gain = {}
+    if "random" in dice:
+        for arm in dice:
+            diffs = [dice[arm][s][d] - dice["random"][s][d] for s in dice[arm] for d in dice[arm][s]
+                     if d in dice["random"].get(s, {})]
+            gain[arm] = round(statistics.mean(diffs), 2) if diffs else None
+    print("\n| arm | " + " | ".join(f"seed {s}" for s in args.seeds) + " | gain vs random |")
+    print("|---" * (len(args.seeds) + 2) + "|")
+    for arm, per in dice.items():
+        cells = [" ".join(f"{v:.1f}" for v in per[str(s)].values()) for s in args.seeds]
+        print(f"| {arm} | " + " | ".join(cells) + f" | {gain.get(arm)} |")
+    print(json.dumps({"fold": args.fold, "epochs": epochs, "iterations_per_epoch": scale.iterations,
+                      "seeds": args.seeds, "tasks": tasks, "dice": dice, "gain": gain, "foundation_curves": curves}))
+
+
+if __name__ == "__main__":
+    main()
