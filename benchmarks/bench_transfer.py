@@ -15,6 +15,8 @@ The LAST line printed is a JSON object: {"fold", "epochs", "iterations_per_epoch
 "foundation_curves": {arm: reconstruction score per pre-training epoch}}.
 
 ``python benchmarks/bench_transfer.py --workdir W --arms random full encoder ssl-0.75-8 --tasks 1 --seeds 0``
+Label-scarce protocol (5 labelled cases per fold, the data and foundation of W shared):
+``python benchmarks/bench_transfer.py --workdir W5 --source W --labelled 5 --arms random encoder --fold 1``
 """
 
 from __future__ import annotations
@@ -74,6 +76,35 @@ def encoder_only(foundation: Path, seed: int) -> Path:
     return out
 
 
+def label_scarce_workdir(workdir: Path, source: Path, tasks: list[str], labelled: int, seed: int = 0) -> None:
+    """``workdir`` as a view of ``source`` (data, plans and preprocessing shared through symlinks) in which every
+    fold of each task trains on ``labelled`` of its training cases (a seeded subset, the same for every arm and
+    seed); the validation cases are nnU-Net's. nnU-Net reads the split from ``splits_final.json``, MDS too."""
+    import numpy as np
+
+    raw = workdir / "nnUNet_raw"
+    if not raw.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        raw.symlink_to(source / "nnUNet_raw")
+    for task in tasks:
+        name = next((source / "nnUNet_preprocessed").glob(f"Dataset{int(task):03d}_*")).name
+        folder = workdir / "nnUNet_preprocessed" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for entry in (source / "nnUNet_preprocessed" / name).iterdir():
+            if entry.name != "splits_final.json" and not (folder / entry.name).exists() and \
+                    (entry.is_dir() or entry.name in ("dataset.json", "dataset_fingerprint.json", "plans.json") or
+                     entry.name.startswith("MedSeqFTPlans-")):  # shared data and base plans, not other runs' files
+                (folder / entry.name).symlink_to(entry)
+        if not (folder / "splits_final.json").is_file():
+            splits = json.loads((source / "nnUNet_preprocessed" / name / "splits_final.json").read_text())
+            rng = np.random.default_rng(seed)
+            for fold in splits:
+                fold["train"] = sorted(rng.choice(sorted(fold["train"]), size=labelled, replace=False).tolist())
+            (folder / "splits_final.json").write_text(json.dumps(splits, indent=1))
+        print(f"{name}: {labelled} labelled training cases per fold, e.g. fold 0 "
+              f"{json.loads((folder / 'splits_final.json').read_text())[0]['train']}", flush=True)
+
+
 def main() -> None:
     from nnunetv2_medseqft.scales import SCALES, get_scale
 
@@ -85,13 +116,20 @@ def main() -> None:
     p.add_argument("--fold", default="0")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the scale's)")
+    p.add_argument("--labelled", type=int, default=None,
+                   help="label-scarce protocol: train every fold on this many of its training cases (needs --source)")
+    p.add_argument("--source", default=None, help="with --labelled: the workdir whose data and foundation are used")
     args = p.parse_args()
     scale = get_scale(args.scale)
     epochs = args.epochs or scale.epochs
     workdir = Path(args.workdir).resolve()
-    set_env(workdir)
-    m0 = build_foundation(workdir, scale, "cpu")
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
+    if args.labelled:
+        if not args.source:
+            raise SystemExit("--labelled needs --source W (a workdir with data, plans and a foundation)")
+        label_scarce_workdir(workdir, Path(args.source).resolve(), tasks, args.labelled)
+    set_env(workdir)
+    m0 = build_foundation(Path(args.source).resolve() if args.labelled else workdir, scale, "cpu")
     dice, curves = {}, {}
     for arm in args.arms:
         dice[arm] = {}
@@ -111,7 +149,7 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown arm {arm!r}: random, full, encoder, ssl-RATIO-BLOCK[-encoder]")
             # the run names of bench_scale.py for the arms it also runs, so their runs are shared
-            name = {"random": "scratch", "full": "pretrained"}.get(arm, arm)
+            name = {"random": "scratch", "full": "pretrained"}.get(arm, arm.replace(".", "p"))  # no '.' in run names
             name = "plateau" if (arm == "full" and seed == 0) else name
             r = run_parallel(start, f"{name}-f{args.fold}-e{epochs}-s{seed}" if args.fold != "0" else
                              f"{name}-e{epochs}-s{seed}", tasks, epochs, scale, seed, args.fold)
@@ -129,6 +167,7 @@ def main() -> None:
         cells = [" ".join(f"{v:.1f}" for v in per[str(s)].values()) for s in args.seeds]
         print(f"| {arm} | " + " | ".join(cells) + f" | {gain.get(arm)} |")
     print(json.dumps({"fold": args.fold, "epochs": epochs, "iterations_per_epoch": scale.iterations,
+                      "labelled_cases_per_fold": args.labelled,
                       "seeds": args.seeds, "tasks": tasks, "dice": dice, "gain": gain, "foundation_curves": curves}))
 
 

@@ -36,6 +36,25 @@ def raw_root() -> str:
     return _root("nnUNet_raw")
 
 
+def portable(path: str) -> str:
+    """A path as a record keeps it: ``$nnUNet_results/...`` (or raw, preprocessed) where it lies inside a root, so
+    that a run copied or moved together with its roots still finds its files; else absolute."""
+    path = os.path.abspath(path)
+    for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+        root = os.environ.get(var)
+        if root and os.path.commonpath([path, os.path.abspath(root)]) == os.path.abspath(root):
+            return os.path.join(f"${var}", os.path.relpath(path, os.path.abspath(root)))
+    return path
+
+
+def resolved(path: str | None) -> str | None:
+    """A recorded path on this machine: the ``$nnUNet_*`` prefix of ``portable`` expanded from the environment."""
+    if not path or not path.startswith("$nnUNet_"):
+        return path
+    var, _, rest = path[1:].partition(os.sep)
+    return os.path.join(_root(var), rest)
+
+
 def require_writable(var: str) -> str:
     """The root ``$var``, created if needed and checked by writing a file (permissions and read-only mounts
     alike, also for root); MedSeqFTError before any work if that fails."""

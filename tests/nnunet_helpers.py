@@ -72,5 +72,14 @@ def folder_hashes(folder: Path) -> dict:
 
 
 def manifest(folders, name) -> dict:
+    """A run's manifest with its recorded paths (``$nnUNet_results/...``) resolved against ``folders``."""
     path = folders.results / "medseqft_runs" / name / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return resolved_paths(json.loads(path.read_text()), folders) if path.is_file() else {}
+
+
+def resolved_paths(data: dict, folders) -> dict:
+    text = json.dumps(data)
+    for var, root in (("nnUNet_results", folders.results), ("nnUNet_preprocessed", folders.preprocessed),
+                      ("nnUNet_raw", folders.raw)):
+        text = text.replace(f'"${var}/', f'"{root}/')
+    return json.loads(text)

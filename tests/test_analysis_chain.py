@@ -18,6 +18,7 @@ import torch
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.reports import analysis, landscape
 from nnunetv2_medseqft.reports import chain_pack as chain
+from nnunet_helpers import manifest
 
 NAME = "t-medseqft"  # the session fixture medseqft_run (conftest.py)
 TASK_NAMES = ["Dataset501_MSFTLiver", "Dataset502_MSFTSpleen"]
@@ -150,7 +151,7 @@ def env(nnunet):
 @pytest.fixture(scope="module")
 def chain_run(env, medseqft_run) -> dict:
     """The session's 2-task MedSeqFT run (killed after task 1 and resumed: the chain must not care)."""
-    return json.loads((env.results / "medseqft_runs" / NAME / "manifest.json").read_text())
+    return manifest(env, NAME)
 
 
 @pytest.fixture(scope="module")

@@ -337,3 +337,35 @@ def test_a_gpu_saved_start_model_is_handed_to_nnunet_as_a_cpu_copy(tmp_path, tin
     mine = tmp_path / "ours.pth"
     atomic_torch_save(ckpt, str(mine))
     assert saved_devices(str(mine)) == {"cpu"}
+
+
+def test_a_run_copied_with_its_nnunet_roots_still_finds_its_files(nnunet, medseqft_run, tmp_path, monkeypatch):
+    """Recorded paths are relative to the nnU-Net root they lie in: a colleague's copy (or a new disk) works."""
+    import shutil
+
+    from nnunetv2_medseqft.paths import portable, resolved
+    from nnunetv2_medseqft.sequence.manifest import Manifest
+    from nnunetv2_medseqft.sequence.run_record import read_run, task_models
+
+    name = medseqft_run[0]
+    raw = json.loads((nnunet.results / "medseqft_runs" / name / "manifest.json").read_text())
+    recorded = [rec["path"] for step in raw["steps"].values() for rec in (step.get("outputs") or {}).values()
+                if isinstance(rec, dict) and "path" in rec]
+    assert recorded and all(p.startswith(("$nnUNet_results/", "$nnUNet_preprocessed/")) for p in recorded), recorded
+    copy = {var: tmp_path / var for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw")}
+    shutil.copytree(nnunet.results / "medseqft_runs" / name, copy["nnUNet_results"] / "medseqft_runs" / name)
+    for path in recorded + [raw["foundation"]["path"]]:
+        var, _, rest = path[1:].partition("/")
+        original = {"nnUNet_results": nnunet.results, "nnUNet_preprocessed": nnunet.preprocessed}[var] / rest
+        (copy[var] / rest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(original, copy[var] / rest)
+    for var, folder in copy.items():
+        monkeypatch.setenv(var, str(folder))
+    folder, data = read_run(name)
+    assert all(str(p).startswith(str(tmp_path)) for _, p in task_models(data))
+    m = Manifest(folder, data)
+    for key in data["steps"]:
+        m.check_done_outputs(key)  # size and sha256 of the copies
+    assert portable(str(copy["nnUNet_results"] / "a" / "b.pth")) == "$nnUNet_results/a/b.pth"
+    assert resolved("$nnUNet_results/a/b.pth") == str(copy["nnUNet_results"] / "a" / "b.pth")
+    assert portable("/elsewhere/x.pth") == "/elsewhere/x.pth" == resolved("/elsewhere/x.pth")

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from nnunetv2_medseqft.checkpoints import sha256_file
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.jsonio import read_json, write_json_atomic
+from nnunetv2_medseqft.paths import portable, resolved
 from nnunetv2_medseqft.sequence.layout import LOCK_FILE, MANIFEST_FILE
 
 FORMAT = "medseqft-run-manifest"
@@ -27,7 +28,8 @@ def now() -> str:
 
 
 def file_record(path: str) -> dict:
-    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+    """A step output: its path (relative to the nnU-Net root it lies in, see ``paths.portable``), size, sha256."""
+    return {"path": portable(path), "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 def check_manifest_format(data: dict, path: str, hint: str = "") -> None:
@@ -117,7 +119,7 @@ class Manifest:
         for label, rec in (self.step(key).get("outputs") or {}).items():
             if not (isinstance(rec, dict) and "bytes" in rec):  # files that later steps append to carry no size
                 continue
-            path = rec["path"]
+            path = resolved(rec["path"])
             problem = "is missing" if not os.path.isfile(path) else \
                 f"changed size ({os.path.getsize(path)} bytes, recorded {rec['bytes']})" \
                 if os.path.getsize(path) != rec["bytes"] else \

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import check_channels, load_foundation
 from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings
-from nnunetv2_medseqft.paths import fold_training_count, parse_fold, raw_dataset, require_writable
+from nnunetv2_medseqft.paths import fold_training_count, parse_fold, raw_dataset, require_writable, resolved
 from nnunetv2_medseqft.plugin.variants import BUDGET_KEYS, MIN_BUDGET
 from nnunetv2_medseqft.sequence.layout import check_run_name
 from nnunetv2_medseqft.sequence.recipes import get_method
@@ -60,7 +60,7 @@ class RunRequest:
     def from_manifest(cls, data: dict) -> "RunRequest":
         """The request a finished or interrupted run was made with (the inverse of ``settings``)."""
         st = data["settings"]
-        return cls(name=data["name"], method=st["method"], foundation=data["foundation"]["path"],
+        return cls(name=data["name"], method=st["method"], foundation=resolved(data["foundation"]["path"]),
                    datasets=st["datasets"], unseen=st["unseen"], fold=st["fold"], seed=st["seed"],
                    configuration=st["configuration"], budget=st["budget"], rft=st["rft"], mds=st["mds"],
                    mirror=st["evaluation_mirroring"], nnunet_validation=st["nnunet_final_validation"],

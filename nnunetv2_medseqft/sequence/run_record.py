@@ -8,6 +8,7 @@ import os
 from nnunetv2_medseqft.checkpoints import verify_sha256
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.jsonio import read_json
+from nnunetv2_medseqft.paths import resolved
 from nnunetv2_medseqft.sequence.layout import MANIFEST_FILE, resolve_run, runs_root
 from nnunetv2_medseqft.sequence.manifest import check_manifest_format
 
@@ -28,7 +29,7 @@ def read_run(name_or_path: str) -> tuple[str, dict]:
 
 def run_foundation(manifest: dict, override: str | None = None) -> str:
     """The foundation the run started from (``override`` if it moved), checked by its sha256."""
-    path = override or (manifest.get("foundation") or {}).get("path")
+    path = override or resolved((manifest.get("foundation") or {}).get("path"))
     verify_sha256(path, manifest["settings"]["foundation_sha256"], f"The foundation of run '{manifest.get('name')}'",
                   "Pass the run's own foundation with --foundation.")
     return path
@@ -56,7 +57,7 @@ def task_checkpoint(manifest: dict, dataset: str, which: str = "M") -> str:
     if not record:
         raise MedSeqFTError(f"Run '{manifest.get('name')}' ({manifest['settings']['method']}) has no F_t for "
                             f"{dataset}: only methods with a full fine-tuning stage keep F_t. Use --models M.")
-    return record["path"]
+    return resolved(record["path"])
 
 
 def task_models(manifest: dict) -> list[tuple[str, str]]:
@@ -74,20 +75,20 @@ def task_models(manifest: dict) -> list[tuple[str, str]]:
             raise MedSeqFTError(f"Run '{manifest.get('name')}' is not finished: step {key} is "
                                 f"{step.get('status', 'not started')}. Finish it (re-run its medseqft run command) "
                                 "first.")
-        tasks.append((dataset, step["outputs"]["model"]["path"]))
+        tasks.append((dataset, resolved(step["outputs"]["model"]["path"])))
     return tasks
 
 
 def runs_recording(path: str) -> list[str]:
     """Names of the runs whose manifest records ``path`` as a step output."""
-    target, names = os.path.abspath(path), []
+    target, names = os.path.abspath(path), []  # records hold portable or (older runs) absolute paths
     root = runs_root()
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         try:
             steps = read_json(os.path.join(root, name, MANIFEST_FILE)).get("steps") or {}
         except (OSError, ValueError):
             continue
-        if any(isinstance(rec, dict) and rec.get("path") == target
+        if any(isinstance(rec, dict) and rec.get("path") and os.path.abspath(resolved(rec["path"])) == target
                for step in steps.values() for rec in (step.get("outputs") or {}).values()):
             names.append(name)
     return names

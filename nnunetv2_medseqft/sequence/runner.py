@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.paths import model_folder
+from nnunetv2_medseqft.paths import model_folder, portable
 from nnunetv2_medseqft.sequence.layout import LOGS_FOLDER, RESULTS_FILE, run_folder
 from nnunetv2_medseqft.sequence.manifest import Manifest, RunLock
 from nnunetv2_medseqft.sequence.recipes import UNSEEN_TRAINER, Method, get_method
@@ -129,7 +129,7 @@ def run_sequence(request: RunRequest, log=print) -> str:
     with RunLock(folder):
         manifest = Manifest.open(folder, request.name, request.settings(foundation.sha256), request.command)
         # saved with the next step: a re-run that is refused (or has nothing left to do) leaves the manifest as it was
-        manifest.data["foundation"] = {"path": os.path.abspath(request.foundation), "sha256": foundation.sha256}
+        manifest.data["foundation"] = {"path": portable(request.foundation), "sha256": foundation.sha256}
         manifest.data.setdefault("command", request.command)  # the first command: resumes repeat its settings
         if not manifest.data["steps"]:
             manifest.save()

@@ -9,7 +9,7 @@ from nnunetv2_medseqft.checkpoints import with_head
 from nnunetv2_medseqft.evaluation.metrics import continual_metrics
 from nnunetv2_medseqft.evaluation.validation import ValidationSet, load_weights, training_curves
 from nnunetv2_medseqft.jsonio import read_json, write_json_atomic
-from nnunetv2_medseqft.paths import raw_dataset_json
+from nnunetv2_medseqft.paths import portable, raw_dataset_json
 from nnunetv2_medseqft.reports.overlays import overlay_file
 from nnunetv2_medseqft.sequence.layout import RESULTS_FILE
 from nnunetv2_medseqft.sequence.request import run_plans_name
@@ -42,7 +42,7 @@ class ScoringSteps:
     def _save_results(self, results: dict) -> dict:
         path = os.path.join(self.folder, RESULTS_FILE)
         write_json_atomic(results, path)
-        return {"results": {"path": path}}
+        return {"results": {"path": portable(path)}}  # appended to by later steps: no size
 
     def _validation(self, dataset: str, plans: str | None = None, model_dataset_json: dict | None = None):
 
