@@ -73,7 +73,7 @@ def check_raw_dataset(dataset: str, num_processes: int = 2) -> list[str]:
                             f"{', '.join(missing[:MAX_LISTED])}. Every case needs one image per channel "
                             f"(CASE_XXXX{dj['file_ending']}) and a label in labelsTr.")
     manager = LabelManager(dj["labels"], regions_class_order=dj.get("regions_class_order"))
-    labels = sorted(set(manager.all_labels + ([manager.ignore_label] if manager.has_ignore_label else [])))
+    labels = sorted({int(v) for v in manager.all_labels + ([manager.ignore_label] if manager.has_ignore_label else [])})
     reader = determine_reader_writer_from_dataset_json(dj, next(iter(cases.values()))["images"][0])
     jobs = [(k, v["images"], v["label"], len(dj["channel_names"]), reader, labels) for k, v in sorted(cases.items())]
     if num_processes > 1 and len(jobs) > 1:

@@ -118,12 +118,18 @@ def test_broken_cases_are_named_before_planning(nnunet, tiny_foundation):
     import SimpleITK as sitk
 
     folder = _broken_copy(nnunet, 501, "Dataset961_BrokenLiver")
+    # as .mha: SimpleITK's NIfTI reader turns NaN and inf into 0, so they must be stored in a format that keeps them
+    for path in sorted(folder.glob("*Tr/*.nii.gz")):
+        sitk.WriteImage(sitk.ReadImage(str(path)), str(path).replace(".nii.gz", ".mha"))
+        path.unlink()
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    (folder / "dataset.json").write_text(json.dumps({**dataset_json, "file_ending": ".mha"}))
     labels, images = sorted((folder / "labelsTr").iterdir()), sorted((folder / "imagesTr").iterdir())
 
     def edit(path, change):
         image = sitk.ReadImage(str(path))
         array = sitk.GetArrayFromImage(image)
-        array = array.astype(float) if "imagesTr" in str(path) else array
+        array = array.astype(np.float32) if "imagesTr" in str(path) else array
         change(array)
         out = sitk.GetImageFromArray(array)
         out.CopyInformation(image)
@@ -135,10 +141,11 @@ def test_broken_cases_are_named_before_planning(nnunet, tiny_foundation):
     proc = run(["medseqft", "plan", "-d", "961", "--foundation", str(tiny_foundation)], nnunet, check=False)
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr
-    assert "3 of" in err and "training cases are broken" in err and "Traceback" not in err
-    assert f"{labels[0].name.split('.')[0]}: the label file holds values [7] that dataset.json does not declare" in err
-    assert f"{images[1].name[:-len('_0000.nii.gz')]}: Images contain NaN" in err
-    assert f"{images[2].name[:-len('_0000.nii.gz')]}: the image holds infinite values" in err
+    assert "3 of" in err and "training cases are broken" in err and "Traceback" not in err, err
+    assert f"{labels[0].stem}: the label file holds values [7] that dataset.json does not declare " \
+           "(declared: [0, 1])" in err, err
+    assert f"{images[1].name[:-len('_0000.mha')]}: Images contain NaN" in err, err
+    assert f"{images[2].name[:-len('_0000.mha')]}: the image holds infinite values" in err, err
     assert not (nnunet.preprocessed / "Dataset961_BrokenLiver").exists()
 
 
