@@ -41,6 +41,18 @@ def check_manifest_format(data: dict, path: str, hint: str = "") -> None:
                             f"understands ({VERSION}). Upgrade the plugin to continue this run.")
 
 
+def _changed(path: str, rec: dict) -> str | None:
+    """How a file differs from its record (size first: the hash is read only when the size agrees), or None."""
+    if not os.path.isfile(path):
+        return "is missing"
+    size = os.path.getsize(path)
+    if size != rec["bytes"]:
+        return f"changed size ({size} bytes, recorded {rec['bytes']})"
+    if rec.get("sha256") and sha256_file(path) != rec["sha256"]:
+        return "changed content (sha256 differs from the recorded one)"
+    return None
+
+
 class RunLock:
     """Exclusive lock on a run folder for the lifetime of the process (or the ``with`` block)."""
 
@@ -120,11 +132,7 @@ class Manifest:
             if not (isinstance(rec, dict) and "bytes" in rec):  # files that later steps append to carry no size
                 continue
             path = resolved(rec["path"])
-            problem = "is missing" if not os.path.isfile(path) else \
-                f"changed size ({os.path.getsize(path)} bytes, recorded {rec['bytes']})" \
-                if os.path.getsize(path) != rec["bytes"] else \
-                "changed content (sha256 differs from the recorded one)" \
-                if rec.get("sha256") and sha256_file(path) != rec["sha256"] else None
+            problem = _changed(path, rec)
             if problem:
                 raise MedSeqFTError(f"Step '{key}' is done but its output {label} ({path}) {problem}. Restore the "
                                     "file, or start a new run with another --name.")
