@@ -49,6 +49,9 @@ def test_bad_inputs_are_refused_before_anything_is_written(nnunet, tiny_foundati
     (["--epochs", "0"], "--epochs must be an integer >= 1"),
     (["--iterations", "-1"], "--iterations must be an integer >= 1"),
     (["--warmup-epochs", "-1"], "--warmup-epochs must be an integer >= 0"),
+    (["--rft", "student_init=foo"], "student_init='foo' does not exist; choose one of: previous, fft"),
+    (["--rft", "export=best"], "export='best' does not exist; choose one of: merged, fft"),
+    (["--method", "lora", "--rft", "export=fft"], "--method lora trains no F_t and no retention terms"),
 ])
 def test_bad_settings_are_refused_in_the_first_step(nnunet, tiny_foundation, extra, message):
     """Settings that would fail inside stage B or nnUNetv2_train are refused before planning, MDS or training."""

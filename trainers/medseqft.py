@@ -6,6 +6,8 @@
     trainable (head from F_t); loss = seg + lambda_k * d(student, F_t) on the batch
     + lambda_g * d(student, M_{t-1}) on the MDS-buffer samples of the batch;
   merge: ``checkpoint_final.pth`` holds M_t as a plain nnU-Net network; ``adapter/`` the peft adapter.
+The readings the paper leaves open (student start, teacher on the buffer, exported model, stage-B budget and
+optimiser) are the plans' ``medseqft.rft`` settings (``RFTSettings``); the defaults are described above.
 Every checkpoint is a plain network (LoRA merged on the fly), so stock nnUNetv2_predict works with
 any of them; stage-B checkpoints also carry the trainable student state for ``--c``.
 """
@@ -29,10 +31,11 @@ from nnunetv2_medseqft.checkpoints import (
     load_checkpoint_file,
     state_fingerprint,
     unwrap,
+    with_head,
 )
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.buffer import oversampled_identifiers, random_buffer, select_buffer
-from nnunetv2_medseqft.method.foundation import require_3d_configuration
+from nnunetv2_medseqft.method.foundation import recorded_foundation, require_3d_configuration
 from nnunetv2_medseqft.method.previous_model import check_previous_model, previous_model_path
 from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings
 from nnunetv2_medseqft.plugin.variants import apply_budget, budget_variant, seed_everything
@@ -73,6 +76,9 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         self.buffer_keys: list[str] = []
         self.buffer_record = None
         self._init_fingerprint = None
+        self._extra_epochs = 0  # rft.budget = fft_full: stage B's epochs on top of the trainer's
+        self.g_teacher = None  # the generalization teacher: which model, and the fingerprint of its weights
+        self.student_start = None  # fingerprint of the student's merged weights when stage B began
 
     @property
     def student(self):
@@ -86,7 +92,10 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
     def stage_a_epochs(self) -> int:
         if "rft" not in self.stages:
             return self.num_epochs
-        return int(round(self.num_epochs * (1 - self.rft.stage_b_fraction))) if "fft" in self.stages else 0
+        if "fft" not in self.stages:
+            return 0
+        base = self.num_epochs - self._extra_epochs
+        return base if self.rft.budget == "fft_full" else int(round(base * (1 - self.rft.stage_b_fraction)))
 
     def _do_i_compile(self):
         if super()._do_i_compile():
@@ -97,6 +106,11 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
 
     # ------------------------------------------------------------------ nnU-Net lifecycle
     def initialize(self):
+        self._check_readings()  # before anything slow
+        if self.rft.budget == "fft_full" and not self._extra_epochs:  # stage A keeps the whole budget
+            base = self.num_epochs
+            self._extra_epochs = base - int(round(base * (1 - self.rft.stage_b_fraction)))
+            self.num_epochs = base + self._extra_epochs
         # nnU-Net wraps DDP for CUDA only; wrap here instead (also on CPU), the same way as the stage-B student
         ddp, self.is_ddp = self.is_ddp, False
         try:
@@ -112,6 +126,26 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         if path:
             self.previous = check_previous_model(path, self.plans_manager.plans, self.configuration_name,
                                                  self.__class__.__name__)
+
+    def _check_readings(self):
+        """Refuse readings this trainer cannot train (``RFTSettings`` already refused unknown values)."""
+        r, name = self.rft, self.__class__.__name__
+        if "rft" not in self.stages:
+            return
+        has_fft = "fft" in self.stages or bool(self.plans_manager.plans.get("medseqft", {}).get("fft_model"))
+        for key, value in (("student_init", "fft"), ("export", "fft")):
+            if getattr(r, key) == value and not has_fft:
+                raise MedSeqFTError(f"{name}: rft {key}={value} needs F_t, and this trainer has none (no stage A and "
+                                    f"no medseqft.fft_model in the plans). Use MedSeqFTTrainer, or {key}="
+                                    f"{RFTSettings.CHOICES[key][0]}.")
+        if r.budget == "fft_full" and "fft" not in self.stages:
+            raise MedSeqFTError(f"{name}: rft budget=fft_full gives stage A the full budget, and this trainer has no "
+                                f"stage A. Use MedSeqFTTrainer, or budget=split.")
+        if r.g_teacher == "foundation":
+            if not self.distill:
+                raise MedSeqFTError(f"{name}: rft g_teacher=foundation sets the teacher of the retention term, and "
+                                    f"this trainer trains without retention. Use MedSeqFTTrainer.")
+            self.g_teacher = {"model": "foundation", **recorded_foundation(self.plans_manager.plans, name)}
 
     def on_train_start(self):
         if not self.was_initialized:
@@ -159,6 +193,10 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
             adapter = os.path.join(self.output_folder, ADAPTER_FOLDER) if self.local_rank == 0 else None
             self.network = self.rft_stage.finish(adapter)  # M_t: the plain network that checkpoint_final.pth holds
             self.rft_stage, self.stage = None, "merged"
+            if self.rft.export == "fft":  # F_t is the task model; M_t stays rebuildable (adapter/ on its base)
+                fft = load_checkpoint_file(self._fft_teacher_path(leaving_stage_a=False), what="F_t checkpoint")
+                self.network = self._fresh_network(fft["network_weights"])
+                self.print_to_log_file("rft export=fft: checkpoint_final.pth holds F_t (M_t: adapter/ on its base)")
         super().on_train_end()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
@@ -224,7 +262,15 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
                               weights_only=False)["network_weights"]
         fft_path = self._fft_teacher_path(leaving_stage_a=student_state is None)
         fft = load_checkpoint_file(fft_path, what="F_t checkpoint")["network_weights"] if fft_path else None
-        self.rft_stage = RFTStage(self._fresh_network, previous, fft, self.rft, self.distill, student_state)
+        g_teacher = None
+        if self.rft.g_teacher == "foundation":  # M0's body (its SSL head is no segmentation head), any head
+            m0 = load_checkpoint_file(self.g_teacher["path"], what="foundation checkpoint")
+            g_teacher = with_head(m0["network_weights"], previous)
+        self.rft_stage = RFTStage(self._fresh_network, previous, fft, self.rft, self.distill, student_state, g_teacher)
+        self.g_teacher = {**(self.g_teacher or {"model": "previous"}),
+                          "fingerprint": state_fingerprint(self.rft_stage.teacher_prev.state_dict())}
+        if student_state is None:
+            self.student_start = state_fingerprint(self.rft_stage.merged_state())
         self.network = self._wrap_ddp(self.rft_stage.student) if self.is_ddp else self.rft_stage.student
         self.stage = "B"
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
@@ -245,7 +291,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
                 self.print_to_log_file(f"Stage A done: F_t saved as {path}")
                 self._barrier()
             return path
-        if not self.distill:
+        if not self.distill and self.rft.student_init != "fft" and self.rft.export != "fft":
             return None
         path = self.plans_manager.plans.get("medseqft", {}).get("fft_model")
         if not path:
@@ -263,13 +309,18 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
     def configure_optimizers(self):
         if self.stage != "B":
             optimizer, scheduler = super().configure_optimizers()
-            if self._warmup_epochs:  # nnU-Net's poly schedule, shifted behind the warm-up
-                scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs - self._warmup_epochs)
+            if self._warmup_epochs or self._extra_epochs:  # nnU-Net's poly, behind the warm-up, over stage A's budget
+                horizon = self.num_epochs - self._extra_epochs - self._warmup_epochs
+                scheduler = PolyLRScheduler(optimizer, self.initial_lr, horizon)
             return optimizer, scheduler
         params = [p for p in self.network.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
-                                    nesterov=True)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, max(1, self.num_epochs - self.stage_a_epochs))
+        if self.rft.stage_b_optimizer == "adamw":  # LoRA's usual optimiser: B starts at 0, Adam moves it at once
+            lr = self.rft.stage_b_lr or 1e-3
+            optimizer = torch.optim.AdamW(params, lr, weight_decay=self.weight_decay)
+        else:
+            lr = self.rft.stage_b_lr or self.initial_lr
+            optimizer = torch.optim.SGD(params, lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True)
+        return optimizer, PolyLRScheduler(optimizer, lr, max(1, self.num_epochs - self.stage_a_epochs))
 
     def set_deep_supervision_enabled(self, enabled: bool):
         net = unwrap(self.network)
@@ -303,7 +354,8 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
                    "num_epochs": self.num_epochs, "rft": self.rft.to_dict(), "mds": self.mds.to_dict(),
                    "previous_model": self.previous, "fft_model": self.fft_provenance,
                    "foundation": self.plans_manager.plans.get("medseqft", {}).get("foundation"),
-                   "buffer": self.buffer_record}
+                   "buffer": self.buffer_record, "g_teacher": self.g_teacher,
+                   "student_start": self.student_start}
         if self.rft_stage:  # what --c needs besides previous_model.pth and F_t: the trainable parameters
             section["student_state"] = self.rft_stage.checkpoint_state()
         return section
@@ -332,6 +384,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
             self.initialize()
         self.current_epoch = ckpt["current_epoch"]
         self.previous, self.buffer_record = section.get("previous_model"), section.get("buffer")
+        self.student_start = section.get("student_start")
         self._enter_stage_b(student_state=section["student_state"], restart_loaders=False)
         self.my_init_kwargs = ckpt["init_args"]
         self.logger.load_checkpoint(ckpt["logging"])

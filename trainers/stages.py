@@ -30,12 +30,16 @@ def frozen(net: torch.nn.Module) -> torch.nn.Module:
 
 class RFTStage:
     def __init__(self, build_network, previous: dict, fft: dict | None, settings: RFTSettings, distill: bool,
-                 student_state: dict | None = None):
-        """``build_network(state_dict)``: the plans' plain network with those weights, on the trainer's device."""
+                 student_state: dict | None = None, g_teacher: dict | None = None):
+        """``build_network(state_dict)``: the plans' plain network with those weights, on the trainer's device.
+        ``g_teacher``: the weights of the generalization teacher when it is not M_(t-1) (``g_teacher=foundation``)."""
         self.settings, self.distill = settings, distill
         self.teacher_fft = frozen(build_network(fft)) if fft is not None else None
-        self.teacher_prev = frozen(build_network(previous))
-        base = build_network({**previous, **(head_of(fft) if fft is not None else {})})
+        self.teacher_prev = frozen(build_network(g_teacher if g_teacher is not None else previous))
+        if settings.student_init == "fft":  # F_t + LoRA: the task knowledge in full, the retention correction low rank
+            base = build_network(fft)
+        else:  # M_(t-1) + LoRA, head from F_t: the update from M_(t-1) stays low rank
+            base = build_network({**previous, **(head_of(fft) if fft is not None else {})})
         self.student = adapters.add_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_targets)
         if student_state is not None:
             self.student.load_state_dict(student_state, strict=False)

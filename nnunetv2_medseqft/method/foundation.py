@@ -126,3 +126,24 @@ def require_3d_configuration(plans: dict, configuration: str, trainer_name: str)
         raise MedSeqFTError(
             f"{trainer_name}: configuration '{configuration}' has a {len(patch)}D patch size {patch}; "
             f"MedSeqFT needs 3D patches. Use 3d_fullres.")
+
+
+def recorded_foundation(plans: dict, trainer_name: str) -> dict:
+    """The foundation M0 that these plans were made from (``medseqft plan`` records it), checked to be the same
+    file still: its path and sha256. For what needs M0 itself during a task step (``rft g_teacher=foundation``)."""
+    from nnunetv2_medseqft.paths import resolved
+
+    record = plans.get("medseqft", {}).get("foundation") or {}
+    path = resolved(record.get("path"))
+    fix = (f"Put the foundation back where the plans say, or plan again with it: medseqft plan -d "
+           f"{plans.get('dataset_name', 'DATASET')} --foundation FOUNDATION/checkpoint_final.pth. Nothing was trained.")
+    if not path:
+        raise MedSeqFTError(f"{trainer_name}: rft g_teacher=foundation needs the foundation M0, and the plans "
+                            f"'{plans.get('plans_name')}' do not record one (not made by medseqft plan). {fix}")
+    if not os.path.isfile(path):
+        raise MedSeqFTError(f"{trainer_name}: rft g_teacher=foundation needs the foundation M0 that the plans "
+                            f"record, {path}, and it is not there (moved or deleted). {fix}")
+    if record.get("sha256") and sha256_file(path) != record["sha256"]:
+        raise MedSeqFTError(f"{trainer_name}: rft g_teacher=foundation needs the foundation M0 that the plans "
+                            f"record, and {path} has changed since (sha256 differs). {fix}")
+    return {"path": path, "sha256": record.get("sha256") or sha256_file(path)}

@@ -98,7 +98,19 @@ class RFTSettings(JsonSettings):
     lambda_k: weight of knowledge retention (student vs F_t features on every sample of the batch).
     lambda_g: weight of generalization retention (student vs M_{t-1} features on buffer samples).
     buffer: 'mds' (lowest SSL loss under the foundation) or 'random' (the MDS ablation).
-    buffer_share: expected share of buffer samples in a stage-B batch (buffer cases are over-sampled)."""
+    buffer_share: expected share of buffer samples in a stage-B batch (buffer cases are over-sampled).
+    The readings of the method that the paper leaves open (``METHOD.md``), each a setting:
+    student_init: 'previous' (student = M_{t-1} + LoRA, head from F_t) or 'fft' (student = F_t + LoRA).
+    g_teacher: 'previous' (M_{t-1} on the buffer samples) or 'foundation' (M0, recorded in the plans).
+    export: 'merged' (checkpoint_final.pth = M_t) or 'fft' (checkpoint_final.pth = F_t; M_t's adapter is kept).
+    budget: 'split' (stage B takes its epochs out of the trainer's) or 'fft_full' (stage A trains the full
+        budget, as the FFT baselines do, and stage B runs on top for the epochs it would have taken).
+    stage_b_optimizer / stage_b_lr: SGD (nnU-Net's, momentum 0.99) or AdamW for the stage-B parameters, with a
+        poly schedule; stage_b_lr None = the trainer's initial_lr for SGD, 1e-3 for AdamW."""
+
+    CHOICES = {"buffer": ("mds", "random"), "student_init": ("previous", "fft"),
+               "g_teacher": ("previous", "foundation"), "export": ("merged", "fft"), "budget": ("split", "fft_full"),
+               "stage_b_optimizer": ("sgd", "adamw")}  # a class attribute, not a field
 
     label = "K&G RFT setting"  # for messages (--rft KEY=VALUE); a class attribute, not a field
 
@@ -110,6 +122,12 @@ class RFTSettings(JsonSettings):
     lambda_g: float = 1.0
     buffer: str = "mds"
     buffer_share: float = 0.5
+    student_init: str = "previous"
+    g_teacher: str = "previous"
+    export: str = "merged"
+    budget: str = "split"
+    stage_b_optimizer: str = "sgd"
+    stage_b_lr: float | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.stage_b_fraction <= 1.0:
@@ -119,7 +137,11 @@ class RFTSettings(JsonSettings):
         if self.lambda_k < 0 or self.lambda_g < 0:
             raise MedSeqFTError(f"lambda_k and lambda_g must be >= 0 (got {self.lambda_k}, {self.lambda_g}): "
                                 "they weigh distances that are minimised. Set 0 to switch a term off.")
-        if self.buffer not in ("mds", "random"):
-            raise MedSeqFTError(f"buffer must be 'mds' or 'random', got {self.buffer!r}.")
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise MedSeqFTError(f"{self.label} {name}={getattr(self, name)!r} does not exist; "
+                                    f"choose one of: {', '.join(allowed)}.")
+        if self.stage_b_lr is not None and self.stage_b_lr <= 0:
+            raise MedSeqFTError(f"stage_b_lr must be > 0 (or none for the default), got {self.stage_b_lr}.")
         if not 0.0 < self.buffer_share < 1.0:
             raise MedSeqFTError(f"buffer_share must lie in (0, 1), got {self.buffer_share}.")

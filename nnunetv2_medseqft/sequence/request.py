@@ -109,8 +109,14 @@ def validate(request: RunRequest):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise MedSeqFTError(f"--{key.replace('num_', '').replace('_', '-')} must be an integer >= {low}, "
                                 f"got {value!r}.")
-    rft = RFTSettings.from_dict(request.rft)  # types and ranges
+    rft = RFTSettings.from_dict(request.rft)  # types, ranges and the names of the readings
     mds = MDSSettings.from_dict(request.mds)
+    if method.lora and not method.has_fft:  # LoRA only: no F_t, no retention terms
+        moot = [f"{k}={v}" for k, v in (("student_init", "fft"), ("export", "fft"), ("budget", "fft_full"),
+                                         ("g_teacher", "foundation")) if getattr(rft, k) == v]
+        if moot:
+            raise MedSeqFTError(f"--method {method.name} trains no F_t and no retention terms, so --rft "
+                                f"{' '.join(moot)} cannot apply. Use --method medseqft, or drop them.")
     if method.lora:
         from nnunetv2_medseqft.adapters import check_rank  # peft: only where LoRA is used
 

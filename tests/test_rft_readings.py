@@ -1,0 +1,100 @@
+"""The open readings of K&G RFT (METHOD.md) as settings of the plans' ``medseqft.rft``: each changes what is
+trained the way it says (real tiny nnUNetv2_train runs), and a reading that cannot apply is refused first."""
+
+import json
+
+import pytest
+import torch
+from conftest import FIRST_TASK_ID
+from nnunet_helpers import run
+
+from nnunetv2_medseqft.checkpoints import sha256_file, state_fingerprint
+from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.method.settings import RFTSettings
+
+TRAINER = "MedSeqFTTrainer_tiny"  # 4 epochs of 4 iterations, stage_b_fraction 0.5
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _plans(planned_task, name, foundation_path=None, **rft):
+    """MedSeqFTPlans under another name (same data identifier, so the same preprocessed data) with rft settings."""
+    plans = json.loads((planned_task.preprocessed / "MedSeqFTPlans.json").read_text())
+    plans["plans_name"] = name
+    plans["medseqft"]["rft"] = rft
+    if foundation_path is not None:
+        plans["medseqft"]["foundation"] = dict(plans["medseqft"]["foundation"], path=foundation_path)
+    (planned_task.preprocessed / f"{name}.json").write_text(json.dumps(plans))
+    return name
+
+
+def _train(planned_task, plans, start, fold=0, check=True):
+    proc = run(["nnUNetv2_train", str(FIRST_TASK_ID), "3d_fullres", str(fold), "-tr", TRAINER, "-p", plans,
+                "-device", "cpu", "-pretrained_weights", str(start)], planned_task.folders, check=check)
+    return proc, planned_task.folders.results / planned_task.dataset_name / f"{TRAINER}__{plans}__3d_fullres" / \
+        f"fold_{fold}"
+
+
+@pytest.fixture(scope="module")
+def previous_model(tiny_foundation, tmp_path_factory):
+    """An M_(t-1) that is not M0 (M0's body, perturbed): the foundation teacher must then differ from it."""
+    ckpt = _load(tiny_foundation)
+    gen = torch.Generator().manual_seed(0)
+    ckpt["network_weights"] = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                               for k, v in ckpt["network_weights"].items()}
+    path = tmp_path_factory.mktemp("previous") / "m_prev.pth"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_student_from_fft_foundation_teacher_and_full_fft_budget(planned_task, tiny_foundation, previous_model):
+    plans = _plans(planned_task, "MedSeqFTPlansReadA", student_init="fft", g_teacher="foundation", budget="fft_full")
+    _, out = _train(planned_task, plans, previous_model)
+    final, fft = _load(out / "checkpoint_final.pth"), _load(out / "checkpoint_fft.pth")
+    section = final["medseqft"]
+    # budget=fft_full: stage A has the trainer's 4 epochs (as FFT alone), stage B its 2 on top
+    assert len(fft["logging"]["train_losses"]) == 4 and len(final["logging"]["train_losses"]) == 6
+    assert len(final["logging"]["medseqft_k"]) == 2 and section["stage_a_epochs"] == 4
+    # student_init=fft: the student began as F_t (LoRA's B = 0), not as M_(t-1) with F_t's head
+    assert section["student_start"] == state_fingerprint(fft["network_weights"])
+    assert section["student_start"] != state_fingerprint(_load(previous_model)["network_weights"])
+    # g_teacher=foundation: the buffer teacher holds M0's weights, not M_(t-1)'s
+    m0 = _load(tiny_foundation)["network_weights"]
+    assert section["g_teacher"]["model"] == "foundation"
+    assert section["g_teacher"]["sha256"] == sha256_file(str(tiny_foundation))
+    assert section["g_teacher"]["fingerprint"] == state_fingerprint(m0)
+    assert section["previous_model"]["sha256"] == sha256_file(str(previous_model))
+    assert section["rft"]["student_init"] == "fft" and section["rft"]["budget"] == "fft_full"
+
+
+def test_export_fft_with_an_adamw_stage_b(planned_task, tiny_foundation):
+    plans = _plans(planned_task, "MedSeqFTPlansReadB", export="fft", stage_b_optimizer="adamw", stage_b_lr=0.002)
+    _, out = _train(planned_task, plans, tiny_foundation)
+    final, fft = _load(out / "checkpoint_final.pth"), _load(out / "checkpoint_fft.pth")
+    assert set(final["network_weights"]) == set(fft["network_weights"])
+    assert all(torch.equal(v, fft["network_weights"][k]) for k, v in final["network_weights"].items()), \
+        "export=fft: checkpoint_final.pth holds F_t"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file(), "M_t stays rebuildable"
+    lrs = final["logging"]["lrs"]
+    assert lrs[2] == pytest.approx(0.002) and lrs[1] < 0.01, lrs  # stage B's own poly from stage_b_lr
+    assert "betas" in final["optimizer_state"]["param_groups"][0], "AdamW trained stage B"
+    assert final["medseqft"]["g_teacher"]["model"] == "previous"
+
+
+def test_foundation_teacher_refused_when_the_foundation_moved(planned_task, tmp_path):
+    plans = _plans(planned_task, "MedSeqFTPlansReadC", foundation_path=str(tmp_path / "gone.pth"),
+                   g_teacher="foundation")
+    proc, out = _train(planned_task, plans, tmp_path / "gone.pth", check=False)
+    assert proc.returncode != 0
+    assert "g_teacher=foundation" in proc.stderr and "moved or deleted" in proc.stderr
+    assert not (out / "checkpoint_latest.pth").exists() and not (out / "checkpoint_fft.pth").exists()
+
+
+def test_readings_refuse_unknown_values_naming_the_allowed_ones():
+    with pytest.raises(MedSeqFTError, match="student_init='foo' does not exist; choose one of: previous, fft"):
+        RFTSettings.from_dict({"student_init": "foo"})
+    with pytest.raises(MedSeqFTError, match="stage_b_lr must be > 0"):
+        RFTSettings.from_dict({"stage_b_lr": 0})
+    assert RFTSettings.from_dict(RFTSettings(export="fft").to_dict()) == RFTSettings(export="fft")
