@@ -6,7 +6,7 @@
    by nnU-Net's predictor (a model folder each) to predict one preprocessed validation case.
 2. Extrapolated to 10 tasks from exact byte counts: nnU-Net's default 3d_fullres CT network (PlainConvUNet,
    6 stages, 32..320 features, 3x3x3 kernels, 2 convs per stage, deep supervision; 1 input channel,
-   2 classes) with peft LoRA rank --rank on ``.*stages.*\\.conv`` (the MedSeqFTTrainer default). A task's
+   2 classes) with peft LoRA rank --rank on ``.*(stages|stem).*\\.conv`` (the MedSeqFTTrainer default). A task's
    pack part = its LoRA factors + trained norms/head written as the pack writes them + its index entry
    (the tiny run's entry with the network's key lists and logging of 1000 epochs); a task's full
    checkpoint = ``torch.save`` of what MedSeqFTTrainer writes (merged weights, stage-B SGD momentum of the
@@ -149,11 +149,12 @@ def extrapolated(tiny_index: dict, rank: int, tasks: int = 10) -> dict:
     from safetensors.torch import load_file
 
     from nnunetv2_medseqft import adapters as lora
+    from nnunetv2_medseqft.method.settings import RFTSettings
     from nnunetv2_medseqft.reports.chain_pack import _save_safetensors, decode, dedup, encode
 
     net = default_network()
     n_params = sum(p.numel() for p in net.parameters())
-    student = lora.add_lora(net, rank, 16.0, r".*stages.*\.conv")  # RFTSettings' alpha and targets
+    student = lora.add_lora(net, rank, 16.0, RFTSettings().lora_targets)  # the default alpha and targets
     n_lora = sum(p.numel() for n, p in student.named_parameters() if "lora_" in n)
     n_trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     with torch.no_grad():  # a trained adapter: B != 0 (peft starts it at 0), norms/head moved

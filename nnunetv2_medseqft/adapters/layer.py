@@ -27,6 +27,19 @@ class MergedWeightConv3d(LoraConv3d):
     The merged weight is tiny to form, gradients reach A and B through it, and the result is
     mathematically identical (no LoRA dropout). peft's merge/save/load see an ordinary LoRA layer."""
 
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        # peft <= 0.21.2 sends a Conv3d whose kernel starts (1, 1, ...) down its conv2d-1x1 shortcut and fails there
+        # (huggingface/peft#3768; ResEnc's 1x1x1 skip convs): such kernels take the general conv path here.
+        base = self.get_base_layer()
+        if base.weight.dim() != 5 or tuple(base.weight.shape[2:4]) != (1, 1) or base.groups != 1:
+            return super().get_delta_weight(adapter)
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        dtype = a.dtype
+        if a.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            a, b = a.float(), b.float()
+        delta = self.conv_fn(a.transpose(0, 1), b).transpose(0, 1) * self.scaling[adapter]
+        return delta.to(dtype)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer
         if self.disable_adapters or self.merged or not self.active_adapters:

@@ -51,9 +51,7 @@ def add_lora(network: torch.nn.Module, rank: int, alpha: float, targets: str,
     student = get_peft_model(network, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                                  target_modules=targets))
     if merged_weight_forward:
-        for m in student.modules():
-            if type(m) is LoraConv3d:
-                m.__class__ = MergedWeightConv3d
+        use_merged_weight_layers(student)
     relink_conv_blocks(student)
     for p in student.parameters():
         p.requires_grad_(False)
@@ -62,6 +60,13 @@ def add_lora(network: torch.nn.Module, rank: int, alpha: float, targets: str,
             for p in m.parameters(recurse=False):
                 p.requires_grad_(True)
     return student
+
+
+def use_merged_weight_layers(student: PeftModel) -> None:
+    """peft's LoRA Conv3d layers as ``MergedWeightConv3d`` (same parameters and files, one convolution)."""
+    for m in student.modules():
+        if type(m) is LoraConv3d:
+            m.__class__ = MergedWeightConv3d
 
 
 def merged_state_dict(student: PeftModel) -> dict:
@@ -109,6 +114,7 @@ def merged_from_files(network: torch.nn.Module, adapter_config: dict, adapter_st
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             student = PeftModel.from_pretrained(network, tmp)
+        use_merged_weight_layers(student)  # its delta weight also for 1x1x1 kernels
     for w in caught:  # the decoder's alias of the encoder (same modules) is "missing" from peft's file: expected
         if "missing adapter keys" not in str(w.message) or any(
                 "decoder.encoder." not in k for k in re.findall(r"'([^']+)'", str(w.message))):

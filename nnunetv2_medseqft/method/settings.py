@@ -94,7 +94,8 @@ class MDSSettings(JsonSettings):
 class RFTSettings(JsonSettings):
     """stage_b_fraction: share of the trainer's epochs spent in stage B (the rest is stage A, FFT).
     lora_rank / lora_alpha / lora_targets: peft LoRA on every stage convolution of encoder and decoder
-        (the regex matches PlainConvUNet's ``...stages...conv``; transposed convs are not supported by peft).
+        (the regex matches ``...stages...conv``, and ResidualEncoderUNet's stem and 1x1x1 skip convs; transposed
+        convs are not supported by peft).
     lambda_k: weight of knowledge retention (student vs F_t features on every sample of the batch).
     lambda_g: weight of generalization retention (student vs M_{t-1} features on buffer samples).
     buffer: 'mds' (lowest SSL loss under the foundation) or 'random' (the MDS ablation).
@@ -117,7 +118,7 @@ class RFTSettings(JsonSettings):
     stage_b_fraction: float = 0.3
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    lora_targets: str = r".*stages.*\.conv"
+    lora_targets: str = r".*(stages|stem).*\.conv"
     lambda_k: float = 1.0
     lambda_g: float = 1.0
     buffer: str = "mds"

@@ -31,4 +31,5 @@ TRAINERS: dict[str, str] = {
 PLANNERS: dict[str, str] = {
     "MedSeqFTPlanner": "nnunetv2_medseqft.planners.medseqft_planner",
     "MedSeqFTCPUPlanner": "nnunetv2_medseqft.planners.cpu_planner",
+    "MedSeqFTResEncCPUPlanner": "nnunetv2_medseqft.planners.cpu_planner",
 }
