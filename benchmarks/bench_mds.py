@@ -74,25 +74,11 @@ def build_foundation(workdir: Path, scale, device: str, seed: int = 0, pretrain_
 def random_init_foundation(foundation: Path, seed: int = 0) -> Path:
     """The foundation's checkpoint with freshly initialised weights (nnU-Net's own init, seeded) next to it:
     ``medseqft run --method parallel`` from it is training from scratch on identical plans and budget."""
-    import copy
-
-    import torch
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_medseqft.trainers.pretrain import MedSeqFTPretrainTrainer
-
-    from nnunetv2_medseqft.checkpoints import atomic_torch_save
-    from nnunetv2_medseqft.method.foundation import load_foundation
+    from nnunetv2_medseqft.method.foundation import load_foundation, start_from_foundation
 
     out = foundation.parent / f"random_init_s{seed}.pth"
     if not out.is_file():
-        f = load_foundation(str(foundation))
-        pm = PlansManager(copy.deepcopy(f.plans))
-        torch.manual_seed(seed)
-        net = MedSeqFTPretrainTrainer.build_network_architecture(
-            pm, pm.get_configuration(f.configuration), f.num_input_channels, f.num_input_channels, False)
-        ckpt = dict(f.checkpoint, network_weights=net.state_dict(), optimizer_state=None)
-        ckpt["medseqft"] = dict(ckpt["medseqft"], random_init_of=f.sha256, random_init_seed=seed)
-        atomic_torch_save(ckpt, str(out))
+        start_from_foundation(load_foundation(str(foundation)), "random", seed, str(out))
     return out
 
 

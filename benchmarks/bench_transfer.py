@@ -22,7 +22,6 @@ Label-scarce protocol (5 labelled cases per fold, the data and foundation of W s
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -59,20 +58,11 @@ def ssl_foundation(workdir: Path, scale, mask_ratio: float, block_size: int) -> 
 
 def encoder_only(foundation: Path, seed: int) -> Path:
     """M0's encoder in a seeded random initialisation of the whole network (decoder and head fresh)."""
-    import torch
-
-    from nnunetv2_medseqft.checkpoints import atomic_torch_save
+    from nnunetv2_medseqft.method.foundation import load_foundation, start_from_foundation
 
     out = foundation.parent / f"encoder_only_s{seed}.pth"
     if not out.is_file():
-        m0 = torch.load(foundation, map_location="cpu", weights_only=False)
-        fresh = torch.load(random_init_foundation(foundation, seed), map_location="cpu", weights_only=False)
-        weights = copy.copy(fresh["network_weights"])
-        # the decoder holds a reference to the encoder: its 'decoder.encoder.*' keys are the encoder's
-        weights.update({k: v for k, v in m0["network_weights"].items() if k.startswith(("encoder.", "decoder.encoder."))})
-        ckpt = dict(fresh, network_weights=weights)
-        ckpt["medseqft"] = dict(ckpt["medseqft"], encoder_of=str(foundation), decoder_init_seed=seed)
-        atomic_torch_save(ckpt, str(out))
+        start_from_foundation(load_foundation(str(foundation)), "encoder", seed, str(out))
     return out
 
 

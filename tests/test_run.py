@@ -372,3 +372,32 @@ def test_a_run_copied_with_its_nnunet_roots_still_finds_its_files(nnunet, medseq
     assert portable(str(copy["nnUNet_results"] / "a" / "b.pth")) == "$nnUNet_results/a/b.pth"
     assert resolved("$nnUNet_results/a/b.pth") == str(copy["nnUNet_results"] / "a" / "b.pth")
     assert portable("/elsewhere/x.pth") == "/elsewhere/x.pth" == resolved("/elsewhere/x.pth")
+
+
+def test_m0_transfer_encoder_starts_from_m0s_encoder_and_a_fresh_decoder(nnunet, tiny_foundation):
+    import torch
+
+    from nnunetv2_medseqft.method.foundation import load_foundation, start_from_foundation
+
+    name = "t-encoder-start"
+    run(["medseqft", "run", "--foundation", str(tiny_foundation), "--datasets", "501", "--method", "parallel",
+         "--name", name, "--epochs", "2", "--iterations", "2", "--val-iterations", "1", "--m0-transfer", "encoder"],
+        nnunet)
+    folder = nnunet.results / "medseqft_runs" / name
+    assert manifest(nnunet, name)["settings"]["m0_transfer"] == "encoder"
+    start = next(nnunet.results.glob(f"Dataset501_*/MedSeqFTFFTTrainer__MedSeqFTPlans_{name}__3d_fullres/fold_0"))
+    loaded = torch.load(start / "previous_model.pth", map_location="cpu", weights_only=False)["network_weights"]
+    m0 = torch.load(tiny_foundation, map_location="cpu", weights_only=False)["network_weights"]
+    encoder = [k for k in loaded if k.startswith("encoder.")]
+    decoder = [k for k in loaded if k.startswith("decoder.stages.")]
+    assert encoder and decoder
+    assert all(torch.equal(loaded[k], m0[k]) for k in encoder), "the encoder is M0's"
+    assert not any(torch.equal(loaded[k], m0[k]) for k in decoder if loaded[k].dim() > 1), "the decoder is fresh"
+    # the derived start is seeded: the same foundation and seed give the same weights
+    again = start_from_foundation(load_foundation(str(tiny_foundation)), "encoder", 0, str(folder / "again.pth"))
+    first = torch.load(folder / "start_models" / "m0_encoder_s0.pth", map_location="cpu", weights_only=False)
+    second = torch.load(again, map_location="cpu", weights_only=False)
+    assert all(torch.equal(v, second["network_weights"][k]) for k, v in first["network_weights"].items())
+    proc = run(["medseqft", "run", "--foundation", str(tiny_foundation), "--datasets", "501", "--method", "parallel",
+                "--name", name, "--epochs", "2", "--iterations", "2", "--val-iterations", "1"], nnunet, check=False)
+    assert proc.returncode == 2 and "m0_transfer" in proc.stderr, "resuming with another transfer is refused"

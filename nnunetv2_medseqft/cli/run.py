@@ -46,6 +46,11 @@ def configure_parser(parser, name: str) -> None:
                              "model itself, so it is off by default)")
     parser.add_argument("-device", "--device", default="cpu", choices=("cpu", "cuda", "mps"),
                         help="device for training and evaluation (default cpu)")
+    parser.add_argument("--m0-transfer", default="full", choices=("full", "encoder"),
+                        help="what a task started from the foundation M0 receives: full = all but the output head "
+                             "(stock -pretrained_weights), encoder = M0's encoder with a freshly initialised, seeded "
+                             "decoder (how nnssl fine-tunes; its reconstruction decoder can hurt segmentation, "
+                             "README: Scales)")
     parser.add_argument("--union-id", type=int, default=None,
                         help="multitask: dataset id for the union dataset (default: the highest free id)")
     parser.set_defaults(func=run)

@@ -147,3 +147,32 @@ def recorded_foundation(plans: dict, trainer_name: str) -> dict:
         raise MedSeqFTError(f"{trainer_name}: rft g_teacher=foundation needs the foundation M0 that the plans "
                             f"record, and {path} has changed since (sha256 differs). {fix}")
     return {"path": path, "sha256": record.get("sha256") or sha256_file(path)}
+
+
+M0_TRANSFERS = ("full", "encoder")  # what of M0 a task started from it receives; "full" is stock -pretrained_weights
+
+
+def start_from_foundation(foundation: Foundation, transfer: str, seed: int, out: str) -> str:
+    """A task's start model derived from M0, written once to ``out`` (an nnU-Net checkpoint of M0's network):
+    ``encoder``: M0's encoder and a freshly initialised decoder (nnU-Net's own init, seeded; the way nnssl fine-tunes
+    its foundations), ``random``: everything freshly initialised (training from scratch on the same plans)."""
+    from nnunetv2_medseqft.checkpoints import atomic_torch_save
+    from nnunetv2_medseqft.trainers.pretrain import MedSeqFTPretrainTrainer
+
+    if transfer not in ("encoder", "random"):
+        raise ValueError(transfer)
+    if not os.path.isfile(out):
+        pm = PlansManager(copy.deepcopy(foundation.plans))
+        torch.manual_seed(seed)
+        channels = foundation.num_input_channels
+        weights = MedSeqFTPretrainTrainer.build_network_architecture(
+            pm, pm.get_configuration(foundation.configuration), channels, channels, False).state_dict()
+        if transfer == "encoder":  # the decoder holds a reference to the encoder: its 'decoder.encoder.*' keys too
+            weights.update({k: v for k, v in foundation.checkpoint["network_weights"].items()
+                            if k.startswith(("encoder.", "decoder.encoder."))})
+        ckpt = dict(foundation.checkpoint, network_weights=weights, optimizer_state=None)
+        ckpt["medseqft"] = dict(ckpt["medseqft"], start_from={"foundation": foundation.sha256, "transfer": transfer,
+                                                             "seed": seed})
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        atomic_torch_save(ckpt, out)
+    return out

@@ -9,7 +9,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.method.foundation import check_channels, load_foundation
+from nnunetv2_medseqft.method.foundation import M0_TRANSFERS, check_channels, load_foundation
 from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings
 from nnunetv2_medseqft.paths import fold_training_count, parse_fold, raw_dataset, require_writable, resolved
 from nnunetv2_medseqft.plugin.variants import BUDGET_KEYS, MIN_BUDGET
@@ -30,8 +30,9 @@ def run_plans_name(run: str) -> str:
 def reference_plans_name(base_plans: str, settings: dict) -> str:
     """Plans of the unseen-task reference (full fine-tuning of M0): shared by every run whose foundation,
     budget, seed, fold and configuration agree, so it is trained once (under a lock) and reused."""
-    keys = ("budget", "seed", "fold", "configuration", "nnunet_final_validation")
-    digest = hashlib.sha256(json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode()).hexdigest()
+    keys = ("budget", "seed", "fold", "configuration", "nnunet_final_validation", "m0_transfer")
+    digest = hashlib.sha256(json.dumps({k: settings[k] for k in keys if k in settings}, sort_keys=True)
+                            .encode()).hexdigest()
     return f"{base_plans}{FROM_M0}-{digest[:8]}"
 
 
@@ -55,6 +56,7 @@ class RunRequest:
     device: str = "cpu"
     union_id: int | None = None
     command: str = ""
+    m0_transfer: str = "full"
 
     @classmethod
     def from_manifest(cls, data: dict) -> "RunRequest":
@@ -64,14 +66,16 @@ class RunRequest:
                    datasets=st["datasets"], unseen=st["unseen"], fold=st["fold"], seed=st["seed"],
                    configuration=st["configuration"], budget=st["budget"], rft=st["rft"], mds=st["mds"],
                    mirror=st["evaluation_mirroring"], nnunet_validation=st["nnunet_final_validation"],
-                   command=data.get("command", ""))
+                   command=data.get("command", ""), m0_transfer=st.get("m0_transfer", "full"))
 
     def settings(self, foundation_sha: str) -> dict:
         return {"method": self.method, "datasets": list(self.datasets), "unseen": list(self.unseen),
                 "fold": self.fold, "seed": self.seed, "configuration": self.configuration,
                 "foundation_sha256": foundation_sha, "budget": dict(self.budget), "rft": dict(self.rft),
                 "mds": dict(self.mds), "evaluation_mirroring": self.mirror,
-                "nnunet_final_validation": self.nnunet_validation}
+                "nnunet_final_validation": self.nnunet_validation,
+                # recorded only when not stock -pretrained_weights: runs made before the setting existed match
+                **({"m0_transfer": self.m0_transfer} if self.m0_transfer != "full" else {})}
 
 
 def validate(request: RunRequest):
@@ -81,6 +85,9 @@ def validate(request: RunRequest):
         require_writable(root)
     method = get_method(request.method)
     request.fold = parse_fold(request.fold)
+    if request.m0_transfer not in M0_TRANSFERS:
+        raise MedSeqFTError(f"--m0-transfer {request.m0_transfer!r} does not exist; choose one of: "
+                            f"{', '.join(M0_TRANSFERS)}.")
     if not request.datasets:
         raise MedSeqFTError("Give at least one dataset with --datasets.")
     foundation = load_foundation(request.foundation)
@@ -149,5 +156,5 @@ def request_from_args(args) -> RunRequest:
                       unseen=args.unseen or [], fold=args.fold, seed=args.seed, configuration=args.c,
                       budget=budget, rft=dict(_key_value(t) for t in args.rft or []),
                       mds=dict(_key_value(t) for t in args.mds or []), mirror=args.mirror, device=args.device,
-                      nnunet_validation=args.nnunet_validation, union_id=args.union_id,
+                      nnunet_validation=args.nnunet_validation, union_id=args.union_id, m0_transfer=args.m0_transfer,
                       command=" ".join(shlex.quote(a) for a in ["medseqft", "run"] + list(args.argv)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.method.foundation import start_from_foundation
 from nnunetv2_medseqft.paths import model_folder, portable
 from nnunetv2_medseqft.sequence.layout import LOGS_FOLDER, RESULTS_FILE, run_folder
 from nnunetv2_medseqft.sequence.manifest import Manifest, RunLock
@@ -53,7 +54,7 @@ class Runner(TaskSteps, ScoringSteps):
         steps = [("plan", lambda: self._plan(r.datasets + r.unseen))]
         if m.union:
             steps += [("union", self._union), ("plan/union", lambda: self._plan([self._union_name()])),
-                      ("train/union", lambda: self._train(self._union_name(), self.request.foundation)),
+                      ("train/union", lambda: self._train(self._union_name(), self._m0_start())),
                       ("evaluate/union", self._evaluate_union)]
         else:
             for i, d in enumerate(r.datasets):
@@ -65,9 +66,9 @@ class Runner(TaskSteps, ScoringSteps):
             steps.append(("evaluate/R", self._evaluate_r))
         for u in r.unseen:
             self.trainings[f"unseen/{u}/from-run"] = (u, self._final_model, False)
-            self.trainings[f"unseen/{u}/from-M0"] = (u, lambda: self.request.foundation, True)
+            self.trainings[f"unseen/{u}/from-M0"] = (u, self._m0_start, True)
             steps.append((f"unseen/{u}/from-run", lambda u=u: self._train(u, self._final_model())))
-            steps.append((f"unseen/{u}/from-M0", lambda u=u: self._train(u, self.request.foundation, from_m0=True)))
+            steps.append((f"unseen/{u}/from-M0", lambda u=u: self._train(u, self._m0_start(), from_m0=True)))
             steps.append((f"unseen/{u}/evaluate", lambda u=u: self._evaluate_unseen(u)))
         return steps
 
@@ -110,8 +111,15 @@ class Runner(TaskSteps, ScoringSteps):
 
     def _start_model(self, i: int) -> str:
         if i == 0 or not self.method.chained:
-            return self.request.foundation
+            return self._m0_start()
         return self._task_model(self.request.datasets[i - 1])
+
+    def _m0_start(self) -> str:
+        """What a task that starts from M0 loads: the foundation itself, or the derived start of --m0-transfer."""
+        if self.request.m0_transfer == "full":
+            return self.request.foundation
+        out = os.path.join(self.folder, "start_models", f"m0_{self.request.m0_transfer}_s{self.request.seed}.pth")
+        return start_from_foundation(self.foundation, self.request.m0_transfer, self.request.seed, out)
 
     def _final_model(self) -> str:
         last = self._union_name() if self.method.union else self.request.datasets[-1]
