@@ -107,10 +107,9 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
     # ------------------------------------------------------------------ nnU-Net lifecycle
     def initialize(self):
         self._check_readings()  # before anything slow
-        if self.rft.budget == "fft_full" and not self._extra_epochs:  # stage A keeps the whole budget
-            base = self.num_epochs
-            self._extra_epochs = base - int(round(base * (1 - self.rft.stage_b_fraction)))
-            self.num_epochs = base + self._extra_epochs
+        if "fft" in self.stages and "rft" in self.stages and not self._extra_epochs:  # fft_full: A keeps the budget
+            self._extra_epochs = self.rft.stage_b_extra_epochs(self.num_epochs)
+            self.num_epochs += self._extra_epochs
         # nnU-Net wraps DDP for CUDA only; wrap here instead (also on CPU), the same way as the stage-B student
         ddp, self.is_ddp = self.is_ddp, False
         try:

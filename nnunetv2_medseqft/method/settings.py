@@ -130,6 +130,10 @@ class RFTSettings(JsonSettings):
     stage_b_optimizer: str = "sgd"
     stage_b_lr: float | None = None
 
+    def stage_b_extra_epochs(self, epochs: int) -> int:
+        """Epochs that stage B adds on top of a two-stage trainer's ``epochs`` (budget=fft_full; else none)."""
+        return epochs - int(round(epochs * (1 - self.stage_b_fraction))) if self.budget == "fft_full" else 0
+
     def __post_init__(self):
         if not 0.0 <= self.stage_b_fraction <= 1.0:
             raise MedSeqFTError(f"stage_b_fraction must lie in [0, 1], got {self.stage_b_fraction}.")

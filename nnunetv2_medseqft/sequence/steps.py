@@ -12,6 +12,7 @@ from nnunetv2_medseqft.cli.plan import plan_datasets
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.jsonio import read_json, write_json_atomic
 from nnunetv2_medseqft.method.buffer import buffer_file_path, select_buffer
+from nnunetv2_medseqft.method.settings import RFTSettings
 from nnunetv2_medseqft.paths import preprocessed_root, raw_dataset_json
 from nnunetv2_medseqft.sequence.layout import LOGS_FOLDER
 from nnunetv2_medseqft.sequence.manifest import file_record
@@ -119,6 +120,8 @@ class TaskSteps:
                 cmd += ["-pretrained_weights", loadable_here(start_model, os.path.join(self.folder, "start_models"))]
             log_file = os.path.join(self.folder, LOGS_FOLDER, self._log_name(dataset, from_m0))
             epochs = int(self.request.budget.get("num_epochs") or 1000)
+            if dataset not in self.request.unseen and self.method.has_fft and self.method.lora:  # fft_full: B on top
+                epochs += RFTSettings.from_dict(self.request.rft).stage_b_extra_epochs(epochs)
             remaining = self._remaining_train_steps()
             train_with_progress(cmd, log_file, label=self._label(dataset, from_m0), epochs=epochs,
                                 later_seconds=lambda per_step: per_step * remaining, log=self.log)
