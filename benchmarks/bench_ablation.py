@@ -43,11 +43,11 @@ READINGS = {  # METHOD.md, "Readings still open"; the empty one is the method's 
 
 def parse_arm(text: str) -> tuple[str, dict]:
     from nnunetv2_medseqft.method.settings import RFTSettings
-    from nnunetv2_medseqft.sequence.request import _key_value
+    from nnunetv2_medseqft.method.settings import key_value
 
     if ":" in text:
         name, _, pairs = text.partition(":")
-        rft = dict(_key_value(p) for p in pairs.split(",") if p)
+        rft = dict(key_value(p) for p in pairs.split(",") if p)
     elif text in READINGS:
         name, rft = text, READINGS[text]
     else:

@@ -23,11 +23,15 @@ def plan_datasets(datasets: list, foundation: str, configuration: str = "3d_full
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
+    from nnunetv2_medseqft.method.foundation import check_channels, load_foundation
     from nnunetv2_medseqft.paths import raw_dataset, raw_root
     from nnunetv2_medseqft.planners.medseqft_planner import DEFAULT_PLANS_NAME, MedSeqFTPlanner
     from nnunetv2_medseqft.raw_checks import check_raw_dataset, small_geometry_warnings
 
     names = [dataset_name(d) for d in datasets]
+    m0 = load_foundation(foundation)
+    for name in names:  # channels and modality first: a refusal costs no fingerprinting
+        check_channels(m0, raw_dataset(name)[1], name)
     for name in names:
         for w in check_raw_dataset(name, num_processes):
             warn(f"WARNING {name}: {w}")
@@ -61,7 +65,8 @@ def run(args) -> int:
 def configure_parser(parser, name: str) -> None:
     parser.add_argument("-d", nargs="+", required=True, help="dataset id(s) or name(s) in $nnUNet_raw")
     parser.add_argument("--foundation", required=True,
-                        help="foundation checkpoint_final.pth written by MedSeqFTPretrainTrainer")
+                        help="foundation checkpoint_final.pth (MedSeqFTPretrainTrainer, medseqft import-nnssl or "
+                             "adapt-foundation)")
     parser.add_argument("-c", default="3d_fullres", help="configuration to preprocess (default: 3d_fullres)")
     parser.add_argument("-np", type=int, default=2, help="processes for fingerprinting/preprocessing (default: 2)")
     parser.add_argument("--plans-name", default=None, help="plans identifier to write (default: MedSeqFTPlans)")

@@ -22,7 +22,8 @@ def configure_parser(parser, name: str) -> None:
         parser.add_argument("run", metavar="RUN", help="run name (under $nnUNet_results/medseqft_runs) or folder")
         parser.set_defaults(func=_evaluate_cmd)
         return
-    parser.add_argument("--foundation", required=True, help="foundation checkpoint_final.pth (MedSeqFTPretrainTrainer)")
+    parser.add_argument("--foundation", required=True, help="foundation checkpoint_final.pth (MedSeqFTPretrainTrainer, "
+                        "medseqft import-nnssl or adapt-foundation)")
     parser.add_argument("--datasets", nargs="+", required=True, help="dataset ids or names, in task order")
     parser.add_argument("--unseen", nargs="*", default=[], help="unseen datasets for the transfer test")
     parser.add_argument("--method", default="medseqft", choices=sorted(METHODS),

@@ -1,4 +1,5 @@
-"""The foundation model M0: an nnU-Net checkpoint written by MedSeqFTPretrainTrainer (body + SSL head + SSL settings)."""
+"""The foundation model M0: an nnU-Net checkpoint written by MedSeqFTPretrainTrainer or ``medseqft import-nnssl``
+(body + SSL head + SSL settings)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,11 @@ class Foundation:
 
     def provenance(self) -> dict:
         """What a downstream plans file / checkpoint records about its foundation."""
+        section = self.checkpoint["medseqft"]
         return {"path": self.path, "sha256": self.sha256, "trainer_name": self.checkpoint["trainer_name"],
                 "configuration": self.configuration, "plans_name": self.plans.get("plans_name"),
-                "ssl": self.ssl.to_dict()}
+                "ssl": self.ssl.to_dict(),
+                **{k: section[k] for k in ("adapted_from", "imported_from") if k in section}}
 
     def build_ssl_network(self, device: torch.device | str = "cpu") -> torch.nn.Module:
         """The foundation network with its reconstruction head, weights loaded, in eval mode."""
@@ -61,6 +64,9 @@ def load_foundation(path: str) -> Foundation:
     path = os.path.abspath(path)
     ckpt = load_checkpoint_file(path, what="foundation checkpoint")
     section = ckpt.get("medseqft") or {}
+    if "nnssl_adaptation_plan" in ckpt and not section:
+        raise MedSeqFTError(f"{path} is an nnssl pre-training checkpoint: import it as a foundation first: "
+                            f"medseqft import-nnssl {path} -o FOLDER, then use FOLDER/checkpoint_final.pth.")
     if section.get("role") != "foundation" or "ssl" not in section:
         raise MedSeqFTError(
             f"{path} is not a MedSeqFT foundation: it carries no SSL head/settings (trainer "
@@ -80,13 +86,18 @@ def check_channels(foundation: Foundation, dataset_json: dict, dataset_name: str
     if len(ours) != len(theirs):
         raise MedSeqFTError(
             f"{dataset_name} has {len(ours)} input channel(s) {dict(ours)} but the foundation {foundation.path} "
-            f"was pre-trained on {len(theirs)} {dict(theirs)}. Use a foundation pre-trained on the same channels.")
+            f"was pre-trained on {len(theirs)} {dict(theirs)}. Adapt its input convolution once: medseqft "
+            f"adapt-foundation --foundation {foundation.path} -d {dataset_name} --channels replicate -o FOLDER, then "
+            f"use FOLDER/checkpoint_final.pth as the foundation (or use one pre-trained on these channels).")
     for key in sorted(theirs, key=int):
         a, b = get_normalization_scheme(ours[key]), get_normalization_scheme(theirs[key])
         if a is not b:
             raise MedSeqFTError(
                 f"Channel {key} of {dataset_name} is '{ours[key]}' ({a.__name__}) but the foundation's is "
-                f"'{theirs[key]}' ({b.__name__}): the modality differs. Use a foundation pre-trained on this modality.")
+                f"'{theirs[key]}' ({b.__name__}): the modality differs. Use a foundation pre-trained on this modality, "
+                f"or, if its preprocessing is meant for this channel, make that explicit once: medseqft "
+                f"adapt-foundation --foundation {foundation.path} -d {dataset_name} --normalization foundation "
+                f"-o FOLDER.")
 
 
 

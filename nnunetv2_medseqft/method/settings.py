@@ -26,6 +26,19 @@ class JsonSettings:
         return cls(**d)
 
 
+def key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` from the command line (``--rft``, ``--mds``, ``--ssl``): numbers, none/true/false, else text."""
+    if "=" not in text:
+        raise MedSeqFTError(f"Bad setting {text!r}: use KEY=VALUE, e.g. lambda_g=0.5.")
+    key, value = text.split("=", 1)
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"none": None, "true": True, "false": False}.get(value.lower(), value)
+
+
 _KINDS = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
           "bool": ((bool,), "true or false"), "None": ((type(None),), "none")}
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import M0_TRANSFERS, check_channels, load_foundation
-from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings
+from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings, key_value
 from nnunetv2_medseqft.paths import fold_training_count, parse_fold, raw_dataset, require_writable, resolved
 from nnunetv2_medseqft.plugin.variants import BUDGET_KEYS, MIN_BUDGET
 from nnunetv2_medseqft.sequence.layout import check_run_name
@@ -136,25 +136,13 @@ def validate(request: RunRequest):
     return foundation
 
 
-def _key_value(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise MedSeqFTError(f"Bad setting {text!r}: use KEY=VALUE, e.g. lambda_g=0.5.")
-    key, value = text.split("=", 1)
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, {"none": None, "true": True, "false": False}.get(value.lower(), value)
-
-
 def request_from_args(args) -> RunRequest:
     budget = {k: v for k, v in (("num_epochs", args.epochs), ("iterations", args.iterations),
                                 ("val_iterations", args.val_iterations), ("warmup_epochs", args.warmup_epochs))
               if v is not None}
     return RunRequest(name=args.name, method=args.method, foundation=args.foundation, datasets=args.datasets,
                       unseen=args.unseen or [], fold=args.fold, seed=args.seed, configuration=args.c,
-                      budget=budget, rft=dict(_key_value(t) for t in args.rft or []),
-                      mds=dict(_key_value(t) for t in args.mds or []), mirror=args.mirror, device=args.device,
+                      budget=budget, rft=dict(key_value(t) for t in args.rft or []),
+                      mds=dict(key_value(t) for t in args.mds or []), mirror=args.mirror, device=args.device,
                       nnunet_validation=args.nnunet_validation, union_id=args.union_id, m0_transfer=args.m0_transfer,
                       command=" ".join(shlex.quote(a) for a in ["medseqft", "run"] + list(args.argv)))
