@@ -7,6 +7,7 @@ inherits them through ``medseqft plan``. Used by ``medseqft demo`` and the bench
 - ``tiny``: unit tests. nnU-Net's default planner on 32^3 images; the models do not learn in its budget.
 - ``cpu``: the benchmark scale on 2 CPU cores (``MedSeqFTCPUPlanner``: 8-64 features, 32^3 patch,
   batch 2, on ~71x71x51 images: the small organs span enough voxels to be learned).
+- ``cpu-resenc``: the ``cpu`` scale on nnU-Net's residual-encoder preset (``MedSeqFTResEncCPUPlanner``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ SCALES = {
     "tiny": Scale("tiny", "tiny", None, "nnUNetPlans", "MedSeqFTPretrainTrainer_tiny", 4, 3, 1),
     # task budget: the plateau of parallel FFT (benchmarks/results/scale-*.txt)
     "cpu": Scale("cpu", "cpu", "MedSeqFTCPUPlanner", "MedSeqFTCPUPlans", "MedSeqFTPretrainTrainer_cpu", 16, 50, 5),
+    # the same data and widths on nnU-Net's residual-encoder preset (ResEnc M layout), for the ResEnc benchmarks
+    "cpu-resenc": Scale("cpu-resenc", "cpu", "MedSeqFTResEncCPUPlanner", "MedSeqFTResEncCPUPlans",
+                        "MedSeqFTPretrainTrainer_cpu", 16, 50, 5),
 }
 
 
