@@ -99,6 +99,13 @@ class MedSeqFTPlanner(ExperimentPlanner):
     def plan_experiment(self):
         hook_folds()  # a bad MEDSEQFT_MDS_FOLDS fails before anything is written
         check_channels(self.foundation, self.dataset_json, self.dataset_name)
+        if is_stock_plan_and_preprocess():  # medseqft plan checks the cases itself, before fingerprinting
+            from nnunetv2.configuration import default_num_processes
+
+            from nnunetv2_medseqft.raw_checks import check_raw_dataset
+
+            for w in check_raw_dataset(self.dataset_name, default_num_processes):
+                print(f"WARNING {self.dataset_name}: {w}")
         check_replan(self.foundation, self.dataset_name, self.plans_identifier)
         # nnU-Net's preprocessing reads dataset.json from the preprocessed folder
         os.makedirs(join(nnUNet_preprocessed, self.dataset_name), exist_ok=True)

@@ -161,3 +161,24 @@ def test_cases_smaller_than_the_patch_are_warned_about(nnunet, tiny_foundation):
     proc = run(["medseqft", "plan", "-d", "962", "--foundation", str(tiny_foundation)], nnunet)
     assert "WARNING Dataset962_ThinLiver: 2 of" in proc.stdout and "smaller than half the foundation's patch" in \
         proc.stdout, proc.stdout
+
+
+def test_stock_planner_names_an_undeclared_label_before_planning(nnunet, tiny_foundation, monkeypatch):
+    """``nnUNetv2_plan_and_preprocess -pl MedSeqFTPlanner`` checks the cases like ``medseqft plan`` does."""
+    import SimpleITK as sitk
+
+    folder = _broken_copy(nnunet, 501, "Dataset963_UndeclaredLiver")
+    label = sorted((folder / "labelsTr").iterdir())[0]
+    image = sitk.ReadImage(str(label))
+    array = sitk.GetArrayFromImage(image)
+    array[0, 0, 0] = 5
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    sitk.WriteImage(out, str(label))
+    monkeypatch.setenv("MEDSEQFT_FOUNDATION", str(tiny_foundation))
+    run(["medseqft", "register"], nnunet)
+    proc = run(["nnUNetv2_plan_and_preprocess", "-d", "963", "-pl", "MedSeqFTPlanner", "-c", "3d_fullres", "-np", "2"],
+               nnunet, check=False)
+    assert proc.returncode != 0
+    assert "values [5] that dataset.json does not declare" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert not (nnunet.preprocessed / "Dataset963_UndeclaredLiver" / "MedSeqFTPlans.json").exists()
