@@ -20,6 +20,15 @@ def tiny_resenc_kwargs(features=(4, 8, 16)) -> dict:
             "nonlin_kwargs": {"inplace": True}}
 
 
+# nnssl's get_res_enc_l (architectures/architecture_registry.py), written out here so that the import's own
+# preset is checked against nnssl's values, not against itself
+NNSSL_RESENC_L = {"n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320],
+                  "kernel_sizes": [[3, 3, 3] for _ in range(6)],
+                  "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+                  "n_blocks_per_stage": [1, 3, 4, 6, 6, 6], "n_conv_per_stage_decoder": [1, 1, 1, 1, 1],
+                  "conv_bias": True, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "nonlin_kwargs": {"inplace": True}}
+
+
 def serialized(kwargs: dict) -> dict:
     """DynamicArchitecturePlans.serialize(): the op classes as ``module.ClassName``."""
     return {**kwargs, "conv_op": "torch.nn.modules.conv.Conv3d",
@@ -57,10 +66,12 @@ def adaptation_plan(arch_class_name: str, arch_kwargs: dict | None, spacing, pat
 
 def write_checkpoint(path, network: nn.Module, plan: dict, trainer_name: str = "BaseMAETrainer_BS8",
                      with_plan: bool = True) -> None:
-    """A released nnssl checkpoint (``add_adaptation_plan.py`` dropped optimizer, scaler, logging, epoch)."""
-    ckpt = {"network_weights": network.state_dict(), "_best_ema": None,
-            "init_args": {"plan": plan["pretrain_plan"], "configuration_name": "onemmiso", "fold": 0,
-                          "pretrain_json": {}, "device": "cuda"}, "trainer_name": trainer_name}
+    """A released nnssl checkpoint: ``add_adaptation_plan.py`` dropped optimizer, scaler, logging, epoch and
+    ``_best_ema``, renamed the plan's configuration to ``onemmiso`` and kept ``init_args`` (so the training's own
+    configuration name, 3d_fullres, stays there)."""
+    ckpt = {"network_weights": network.state_dict(),
+            "init_args": {"plan": plan["pretrain_plan"], "configuration_name": "3d_fullres", "fold": 0,
+                          "pretrain_json": {}, "device": torch.device("cpu")}, "trainer_name": trainer_name}
     if with_plan:
         ckpt["nnssl_adaptation_plan"] = plan
     torch.save(ckpt, path)

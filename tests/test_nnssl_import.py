@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from conftest import FIRST_TASK_ID
-from nnssl_format import adaptation_plan, resenc, serialized, tiny_resenc_kwargs, write_checkpoint
+from nnssl_format import NNSSL_RESENC_L, adaptation_plan, resenc, serialized, tiny_resenc_kwargs, write_checkpoint
 from nnunet_helpers import run
 
 from nnunetv2_medseqft.errors import MedSeqFTError
@@ -33,7 +33,7 @@ def mr_task(nnunet):
 def nnssl_folder(planned_pool, tmp_path_factory):
     """A released-style nnssl output folder: checkpoint without the plan, adaptation_plan.json next to it."""
     cfg = json.loads(planned_pool.read_text())["configurations"]["3d_fullres"]
-    patch = [p - p % 4 for p in cfg["patch_size"]]
+    patch = [p - p % 16 for p in cfg["patch_size"]]  # strides and nnssl's 16^3 mask blocks
     torch.manual_seed(0)
     kwargs = tiny_resenc_kwargs()
     net = resenc(kwargs)
@@ -85,27 +85,29 @@ def test_resenc_l_preset_is_nnssls_network():
     from nnunetv2_medseqft.method.ssl import build_ssl_network
 
     plan = adaptation_plan("ResEncL", None, [1, 1, 1], [160, 160, 160])
+    plan["pretrain_plan"]["configurations"]["onemmiso"]["use_mask_for_norm"] = False  # nnssl's examples: a bare bool
     plans, dataset_json = nnssl_import.nnunet_plans(plan, "onemmiso", plan["pretrain_plan"]["configurations"]["onemmiso"],
                                                     "nnsslPlans")
     assert dataset_json["channel_names"] == {"0": "zscore"}
-    kwargs = {k: v for k, v in nnssl_import.RESENC_L.items() if k not in ("conv_op", "norm_op", "nonlin")}
+    assert plans["configurations"]["3d_fullres"]["use_mask_for_norm"] == [False]
     with torch.device("meta"):
         pm = PlansManager(plans)
         ours = build_ssl_network(pm, pm.get_configuration("3d_fullres"), 1).state_dict()
-        theirs = resenc(kwargs).state_dict()
+        theirs = resenc(NNSSL_RESENC_L).state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     assert "decoder.seg_layers.4.weight" in ours
 
 
 @pytest.mark.parametrize("trainer, expected", [
     ("BaseMAETrainer_BS8_1000ep", (0.75, 16)), ("BaseMAETrainer_BS8_ep1000_mask60", (0.6, 16)),
-    ("BaseMAETrainer_BS8_ep1000_maskblock8", (0.75, 8))])
+    ("BaseMAETrainer_BS8_ep1000_maskblock8", (0.75, 8)), ("AugMAETrainer_BS8_ep1000_aug_slow_ioff", (0.75, 16))])
 def test_ssl_objective_read_from_nnssl_trainer_name(trainer, expected):
     settings, source = nnssl_import.ssl_settings(trainer)
     assert (settings.mask_ratio, settings.block_size) == expected and trainer in source
 
 
-@pytest.mark.parametrize("trainer", ["SimCLRTrainer", "BaseMAETrainer_BS8_ep1000_SSIM", "SliceMaskMAE", None])
+@pytest.mark.parametrize("trainer", ["SimCLRTrainer", "BaseMAETrainer_BS8_ep1000_SSIM", "BaseMAETrainerSSIM",
+                                     "SliceMaskMAE", None])
 def test_unknown_or_contrastive_objective_is_refused_unless_given(trainer):
     with pytest.raises(MedSeqFTError, match="--ssl mask_ratio"):
         nnssl_import.ssl_settings(trainer)
@@ -120,6 +122,8 @@ def test_what_cannot_work_is_refused_before_anything_is_written(tmp_path):
         "primus": (adaptation_plan("PrimusM", None, [1, 1, 1], [160, 160, 160]), resenc(kwargs), "transformer"),
         "patch": (adaptation_plan("ResidualEncoderUNet", serialized(kwargs), [1, 1, 1], [18, 16, 16]), resenc(kwargs),
                   "divisible"),
+        "mask_block": (adaptation_plan("ResidualEncoderUNet", serialized(kwargs), [1, 1, 1], [16, 16, 16]),
+                       resenc(kwargs), "multiple of the SSL block size"),
         "encoder_only": (good, resenc(kwargs).encoder, "no decoder"),
         "ct": ({**good, "pretrain_plan": {**good["pretrain_plan"], "configurations": {"onemmiso": {
             **good["pretrain_plan"]["configurations"]["onemmiso"], "normalization_schemes": ["CTNormalization"]}}}},
@@ -131,7 +135,8 @@ def test_what_cannot_work_is_refused_before_anything_is_written(tmp_path):
             torch.save({"network_weights": {f"encoder.{k}": v for k, v in net.state_dict().items()},
                         "nnssl_adaptation_plan": plan, "trainer_name": "BaseMAETrainer"}, src)
         else:
-            write_checkpoint(src, net, plan)
+            write_checkpoint(src, net, plan, "BaseMAETrainer_BS8_ep1000_maskblock32" if name == "mask_block"
+                             else "BaseMAETrainer_BS8")
         with pytest.raises(MedSeqFTError, match=message):
             nnssl_import.import_nnssl(str(src), str(tmp_path / f"out_{name}"))
         assert not (tmp_path / f"out_{name}").exists()

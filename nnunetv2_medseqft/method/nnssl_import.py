@@ -8,7 +8,7 @@ preprocessing), the full network with its reconstruction head (MDS scores with i
 nnssl's objective, so that MDS computes nnssl's own loss. Format facts: ``docs/nnssl_checkpoints.md``.
 
 Supported: CNN U-Nets (``ResEncL``, ``ResidualEncoderUNet``, ``PlainConvUNet``) trained with a block-masked MSE
-objective (``BaseMAETrainer`` and its variants). Refused with the reason: Primus (a transformer, not an nnU-Net
+objective (``BaseMAETrainer``, ``AugmentedMAETrainer`` and their variants). Refused with the reason: Primus (a transformer, not an nnU-Net
 architecture), ``NoSkipResEncL`` (no skips: not nnU-Net's U-Net), contrastive checkpoints (no reconstruction
 head to score with), other losses or mask styles unless their settings are given explicitly.
 """
@@ -46,6 +46,7 @@ _OTHER_LOSS_TOKENS = {"SSIM", "MSSSIM", "L1", "L2", "NoMask", "wMask", "ANON"}  
 # intensity statistics, which an nnssl plan does not carry
 _CHANNEL_NAME = {"ZScoreNormalization": "zscore", "NoNormalization": "noNorm",
                  "RescaleTo01Normalization": "rescale_to_0_1", "RGBTo01Normalization": "rgb_to_0_1"}
+_NNSSL_SCHEME = {"RescaleTo01": "RescaleTo01Normalization", "RGBTo01": "RGBTo01Normalization"}  # nnssl's enum values
 
 
 def read_nnssl(path: str) -> tuple[dict, dict, str]:
@@ -62,9 +63,7 @@ def read_nnssl(path: str) -> tuple[dict, dict, str]:
     except Exception as e:  # noqa: BLE001 -- any unpickling failure means the same to the user
         raise MedSeqFTError(f"{ckpt_file} is unreadable or truncated ({type(e).__name__}: {e}). Re-copy it.") from e
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
-        hint = (" It holds 'spark_weights' (a SparK checkpoint): convert it with nnssl's "
-                "utilities/add_adaptation_plan.py first." if isinstance(ckpt, dict) and "spark_weights" in ckpt else "")
-        raise MedSeqFTError(f"{ckpt_file} is not an nnssl checkpoint: no 'network_weights'.{hint}")
+        raise MedSeqFTError(f"{ckpt_file} is not an nnssl checkpoint: no 'network_weights'.")
     plan = ckpt.get("nnssl_adaptation_plan")
     plan_file = os.path.join(folder, "adaptation_plan.json")
     if plan is None and os.path.isfile(plan_file):
@@ -108,9 +107,11 @@ def ssl_settings(trainer_name: str | None, given: dict | None = None) -> tuple[S
     if given:
         return SSLSettings.from_dict({**NNSSL_MAE.to_dict(), **given}), "given"
     name = trainer_name or ""
+    # BaseMAETrainer and its _variants; AugmentedMAETrainer / AugMAETrainer_* change only the augmentation
+    mae = re.fullmatch(r"(BaseMAETrainer|AugmentedMAETrainer|AugMAETrainer)(_.*)?", name)
     fix = ("Give its objective explicitly if it is a block-masked MSE reconstruction, e.g. --ssl mask_ratio=0.75 "
            "block_size=16; otherwise MDS cannot score with this checkpoint.")
-    if not name.startswith("BaseMAETrainer"):
+    if not mae:
         what = "a contrastive objective with no reconstruction head" if re.search(
             r"simclr|voco|pclr|gvsl|volumefusion", name, re.I) else "an objective this import does not know"
         raise MedSeqFTError(f"The nnssl checkpoint was trained by {name or 'an unnamed trainer'} ({what}). MDS "
@@ -130,12 +131,18 @@ def ssl_settings(trainer_name: str | None, given: dict | None = None) -> tuple[S
 
 def _pretrain_configuration(plan: dict, ckpt: dict, name: str | None) -> tuple[str, dict]:
     configs = (plan.get("pretrain_plan") or {}).get("configurations") or {}
-    name = name or (ckpt.get("init_args") or {}).get("configuration_name") or (
-        next(iter(configs)) if len(configs) == 1 else None)
+    if name is None:  # add_adaptation_plan.py renames the configuration but keeps init_args: use it only if present
+        trained = (ckpt.get("init_args") or {}).get("configuration_name")
+        name = trained if trained in configs else (next(iter(configs)) if len(configs) == 1 else None)
     if name not in configs:
         raise MedSeqFTError(f"Choose the pre-training configuration with --pretrain-configuration (the plan holds "
                             f"{sorted(configs)}).")
     return name, configs[name]
+
+
+def _per_channel(value, channels: int) -> list[bool]:
+    """nnssl writes ``use_mask_for_norm`` as a list per channel, its own examples as one bool."""
+    return [bool(v) for v in value] if isinstance(value, (list, tuple)) else [bool(value)] * channels
 
 
 def _checked_patch(patch, strides) -> list[int]:
@@ -153,7 +160,7 @@ def nnunet_plans(plan: dict, source: str, cfg: dict, plans_name: str, patch_size
     pretrain = plan["pretrain_plan"]
     arch = architecture(plan)
     channels = int(plan.get("pretrain_num_input_channels", 1))
-    schemes = list(cfg["normalization_schemes"])
+    schemes = [_NNSSL_SCHEME.get(s, s) for s in cfg["normalization_schemes"]]
     if len(schemes) != channels:
         raise MedSeqFTError(f"The nnssl plan lists {len(schemes)} normalisation scheme(s) for "
                             f"{channels} input channel(s); the checkpoint is inconsistent.")
@@ -173,7 +180,7 @@ def nnunet_plans(plan: dict, source: str, cfg: dict, plans_name: str, patch_size
         "data_identifier": f"{plans_name}_{CONFIGURATION}", "preprocessor_name": "DefaultPreprocessor",
         "batch_size": 2, "patch_size": patch, "median_image_size_in_voxels": patch,
         "spacing": [float(s) for s in spacing], "normalization_schemes": schemes,
-        "use_mask_for_norm": [bool(v) for v in (cfg.get("use_mask_for_norm") or [False] * channels)],
+        "use_mask_for_norm": _per_channel(cfg.get("use_mask_for_norm"), channels),
         "resampling_fn_data": cfg.get("resampling_fn_data", "resample_data_or_seg_to_shape"),
         "resampling_fn_data_kwargs": cfg.get("resampling_fn_data_kwargs",
                                              {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}),
@@ -220,9 +227,14 @@ def import_nnssl(path: str, out_folder: str, patch_size=None, ssl: dict | None =
         raise MedSeqFTError(f"{out} exists: an imported foundation is never overwritten (plans and buffers made "
                             f"with it record its sha256). Import into another folder, or delete it if unused.")
     ckpt, plan, ckpt_file = read_nnssl(path)
-    settings, ssl_source = ssl_settings(ckpt.get("trainer_name"), ssl)
+    trainer_name = ckpt.get("trainer_name") or plan.get("trainer_name")  # add_adaptation_plan.py writes it there too
+    settings, ssl_source = ssl_settings(trainer_name, ssl)
     source, cfg = _pretrain_configuration(plan, ckpt, pretrain_configuration)
     plans, dataset_json = nnunet_plans(plan, source, cfg, plans_name, patch_size)
+    patch = plans["configurations"][CONFIGURATION]["patch_size"]
+    if any(p % settings.block_size for p in patch):  # nnssl's mask grid is patch // block, stretched to the patch
+        raise MedSeqFTError(f"Patch size {patch} is not a multiple of the SSL block size {settings.block_size}: MDS "
+                            f"could not mask like nnssl. Give --patch-size with multiples of {settings.block_size}.")
     channels = len(dataset_json["channel_names"])
     weights = _plain_keys(ckpt["network_weights"])
     pm = PlansManager(plans)
@@ -241,7 +253,7 @@ def import_nnssl(path: str, out_folder: str, patch_size=None, ssl: dict | None =
     network.load_state_dict(theirs)
     section = {"role": "foundation", "ssl": settings.to_dict(), "num_input_channels": channels,
                "imported_from": {"format": "nnssl", "path": os.path.abspath(ckpt_file),
-                                 "sha256": sha256_file(ckpt_file), "trainer_name": ckpt.get("trainer_name"),
+                                 "sha256": sha256_file(ckpt_file), "trainer_name": trainer_name,
                                  "arch_class_name": plan["architecture_plans"]["arch_class_name"],
                                  "pretrain_configuration": source, "pretrain_patch_size": cfg.get("patch_size"),
                                  "ssl_from": ssl_source,
@@ -252,7 +264,7 @@ def import_nnssl(path: str, out_folder: str, patch_size=None, ssl: dict | None =
         "logging": None, "_best_ema": None, "current_epoch": int(ckpt.get("current_epoch") or 0),
         "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": "all", "dataset_json": dataset_json,
                       "device": "cpu"},
-        "trainer_name": f"nnssl:{ckpt.get('trainer_name')}", "inference_allowed_mirroring_axes": (0, 1, 2),
+        "trainer_name": f"nnssl:{trainer_name}", "inference_allowed_mirroring_axes": (0, 1, 2),
         "medseqft": section,
     }
     os.makedirs(os.path.dirname(out), exist_ok=True)
