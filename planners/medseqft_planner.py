@@ -80,7 +80,7 @@ class MedSeqFTPlanner(ExperimentPlanner):
     def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = DEFAULT_PLANS_NAME,
                  overwrite_target_spacing=None, suppress_transpose: bool = False,
-                 foundation: str | None = None, mds: MDSSettings | None = None):
+                 foundation: str | Foundation | None = None, mds: MDSSettings | None = None):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
         if overwrite_target_spacing is not None:
@@ -93,7 +93,7 @@ class MedSeqFTPlanner(ExperimentPlanner):
             raise MedSeqFTError(
                 f"MedSeqFTPlanner needs the foundation checkpoint: set {FOUNDATION_ENV}=/path/to/checkpoint_final.pth "
                 f"(written by MedSeqFTPretrainTrainer) or use `medseqft plan -d D --foundation PATH`.")
-        self.foundation = load_foundation(foundation)
+        self.foundation = foundation if isinstance(foundation, Foundation) else load_foundation(foundation)
         self.mds = mds
 
     def plan_experiment(self):

@@ -8,28 +8,29 @@ from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.paths import dataset_name
 
 
-def plan_dataset(dataset_name_or_id, foundation: str, configuration: str = "3d_fullres", num_processes: int = 2,
+def plan_dataset(dataset_name_or_id, foundation, configuration: str = "3d_fullres", num_processes: int = 2,
                  plans_name: str | None = None, mds=None, warn=print) -> str:
     """Plan + preprocess one dataset with the foundation's plans; returns the plans name."""
     return plan_datasets([dataset_name_or_id], foundation, configuration, num_processes, plans_name, mds, warn)
 
 
-def plan_datasets(datasets: list, foundation: str, configuration: str = "3d_fullres", num_processes: int = 2,
+def plan_datasets(datasets: list, foundation, configuration: str = "3d_fullres", num_processes: int = 2,
                   plans_name: str | None = None, mds=None, warn=print) -> str:
     """Several datasets in one fingerprinting and one preprocessing call (nnU-Net's worker pools start once).
 
+    ``foundation``: its checkpoint path or the loaded ``Foundation`` (loaded once for every dataset and planner).
     Every training case is checked first (``raw_checks``): a broken case is refused, named, before any work;
     ``warn`` gets what trains but not as planned (background-only labels, cases smaller than the patch)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    from nnunetv2_medseqft.method.foundation import check_channels, load_foundation
+    from nnunetv2_medseqft.method.foundation import Foundation, check_channels, load_foundation
     from nnunetv2_medseqft.paths import raw_dataset, raw_root
     from nnunetv2_medseqft.planners.medseqft_planner import DEFAULT_PLANS_NAME, MedSeqFTPlanner
     from nnunetv2_medseqft.raw_checks import check_raw_dataset, small_geometry_warnings
 
     names = [dataset_name(d) for d in datasets]
-    m0 = load_foundation(foundation)
+    m0 = foundation if isinstance(foundation, Foundation) else load_foundation(foundation)
     for name in names:  # channels and modality first: a refusal costs no fingerprinting
         check_channels(m0, raw_dataset(name)[1], name)
     for name in names:
@@ -39,7 +40,7 @@ def plan_datasets(datasets: list, foundation: str, configuration: str = "3d_full
     extract_fingerprints(ids, num_processes=num_processes, check_dataset_integrity=False, clean=False, verbose=False)
     identifier = None
     for name, dataset_id in zip(names, ids):
-        planner = MedSeqFTPlanner(dataset_id, plans_name=plans_name or DEFAULT_PLANS_NAME, foundation=foundation,
+        planner = MedSeqFTPlanner(dataset_id, plans_name=plans_name or DEFAULT_PLANS_NAME, foundation=m0,
                                   mds=mds)
         plans = planner.plan_experiment()
         if configuration not in plans["configurations"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nnunetv2_medseqft.method.foundation import M0_TRANSFERS
 from nnunetv2_medseqft.sequence.recipes import METHODS
 from nnunetv2_medseqft.sequence.request import request_from_args
 from nnunetv2_medseqft.sequence.runner import evaluate_run, run_sequence
@@ -47,7 +48,7 @@ def configure_parser(parser, name: str) -> None:
                              "model itself, so it is off by default)")
     parser.add_argument("-device", "--device", default="cpu", choices=("cpu", "cuda", "mps"),
                         help="device for training and evaluation (default cpu)")
-    parser.add_argument("--m0-transfer", default="full", choices=("full", "encoder"),
+    parser.add_argument("--m0-transfer", default="full", choices=M0_TRANSFERS,
                         help="what a task started from the foundation M0 receives: full = all but the output head "
                              "(stock -pretrained_weights), encoder = M0's encoder with a freshly initialised, seeded "
                              "decoder (how nnssl fine-tunes; its reconstruction decoder can hurt segmentation, "

@@ -75,14 +75,18 @@ def load_foundation(path: str) -> Foundation:
     return Foundation(path=path, sha256=sha256_file(path), checkpoint=ckpt, ssl=SSLSettings.from_dict(section["ssl"]))
 
 
+def channel_names(dataset_json: dict) -> dict:
+    """{channel index (str): name} of a dataset.json (nnU-Net v2 ``channel_names``, v1 ``modality``)."""
+    return dataset_json.get("channel_names") or dataset_json.get("modality") or {}
+
+
 def check_channels(foundation: Foundation, dataset_json: dict, dataset_name: str) -> None:
     """Same channel count and the same normalisation per channel as the foundation's pool."""
     from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import (
         get_normalization_scheme,
     )
 
-    ours = dataset_json.get("channel_names") or dataset_json.get("modality") or {}
-    theirs = foundation.dataset_json.get("channel_names") or foundation.dataset_json.get("modality") or {}
+    ours, theirs = channel_names(dataset_json), channel_names(foundation.dataset_json)
     if len(ours) != len(theirs):
         raise MedSeqFTError(
             f"{dataset_name} has {len(ours)} input channel(s) {dict(ours)} but the foundation {foundation.path} "

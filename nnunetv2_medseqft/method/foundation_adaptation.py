@@ -28,11 +28,6 @@ CHANNEL_ADAPTATIONS = ("replicate",)
 NORMALIZATIONS = ("check", "foundation")  # check: refuse a modality mismatch; foundation: use the foundation's
 
 
-def _channel_names(dataset_json: dict) -> list[str]:
-    names = dataset_json.get("channel_names") or dataset_json.get("modality") or {}
-    return [names[k] for k in sorted(names, key=int)]
-
-
 def adapted_weights(old: dict, new: dict, channels_from: int, channels_to: int) -> dict:
     """``new``'s keys filled from ``old``: equal shapes copied, the input convolution replicated and scaled, the
     reconstruction head averaged; any other difference is an error (the networks are not the same otherwise)."""
@@ -61,6 +56,7 @@ def adapt_foundation(foundation: "Foundation", dataset_json: dict, dataset_name:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunetv2_medseqft.checkpoints import atomic_torch_save
+    from nnunetv2_medseqft.method.foundation import channel_names
     from nnunetv2_medseqft.method.ssl import build_ssl_network
 
     if channels is not None and channels not in CHANNEL_ADAPTATIONS:
@@ -70,7 +66,8 @@ def adapt_foundation(foundation: "Foundation", dataset_json: dict, dataset_name:
     if os.path.exists(out):
         raise MedSeqFTError(f"{out} exists: an adapted foundation is never overwritten (plans and runs made with it "
                             f"record its sha256). Choose another output folder.")
-    names, c_from = _channel_names(dataset_json), foundation.num_input_channels
+    by_index = channel_names(dataset_json)
+    names, c_from = [by_index[k] for k in sorted(by_index, key=int)], foundation.num_input_channels
     c_to = len(names)
     plans = copy.deepcopy(foundation.plans)
     cfg = plans["configurations"][foundation.configuration]
@@ -92,15 +89,15 @@ def adapt_foundation(foundation: "Foundation", dataset_json: dict, dataset_name:
     if c_to == c_from and not mismatched:
         raise MedSeqFTError(f"{dataset_name} already fits the foundation (same channels and normalisation): use "
                             f"{foundation.path} as it is.")
-    source = 0 if c_to != c_from else None
+    recount = c_to != c_from  # each task channel inherits the foundation's channel 0
     for config in plans["configurations"].values():  # every configuration that states per-channel preprocessing
         if "normalization_schemes" in config:
             config["normalization_schemes"] = list(inherited)
         if "use_mask_for_norm" in config:
             masks = list(config["use_mask_for_norm"])
-            config["use_mask_for_norm"] = masks if source is None else [masks[0]] * c_to
+            config["use_mask_for_norm"] = [masks[0]] * c_to if recount else masks
     props = plans.get("foreground_intensity_properties_per_channel") or {}
-    if props and source is not None:
+    if props and recount:
         plans["foreground_intensity_properties_per_channel"] = {str(c): dict(props["0"]) for c in range(c_to)}
     dataset = dict(copy.deepcopy(foundation.dataset_json), channel_names={str(c): n for c, n in enumerate(names)})
     dataset.pop("modality", None)
@@ -110,7 +107,7 @@ def adapt_foundation(foundation: "Foundation", dataset_json: dict, dataset_name:
     weights = adapted_weights(foundation.checkpoint["network_weights"], new, c_from, c_to)
     section = dict(foundation.checkpoint["medseqft"], num_input_channels=c_to, adapted_from={
         "path": foundation.path, "sha256": foundation.sha256, "channels": c_from, "dataset": dataset_name,
-        "channel_adaptation": channels if c_to != c_from else None, "normalization": normalization})
+        "channel_adaptation": channels if recount else None, "normalization": normalization})
     ckpt = dict(foundation.checkpoint, network_weights=weights, optimizer_state=None, medseqft=section,
                 init_args=dict(foundation.checkpoint["init_args"], plans=plans, dataset_json=dataset))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

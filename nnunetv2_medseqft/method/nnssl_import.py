@@ -239,9 +239,9 @@ def import_nnssl(path: str, out_folder: str, patch_size=None, ssl: dict | None =
     weights = _plain_keys(ckpt["network_weights"])
     pm = PlansManager(plans)
     network = build_ssl_network(pm, pm.get_configuration(CONFIGURATION), channels)
-    ours, theirs = network.state_dict(), weights
-    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-    shapes = [k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape]
+    ours = network.state_dict()
+    missing, unexpected = sorted(set(ours) - set(weights)), sorted(set(weights) - set(ours))
+    shapes = [k for k in set(ours) & set(weights) if ours[k].shape != weights[k].shape]
     if missing or unexpected or shapes:
         head = "no decoder / reconstruction head (a contrastive or encoder-only checkpoint?); " \
             if any(k.startswith("decoder.") for k in missing) else ""
@@ -250,7 +250,7 @@ def import_nnssl(path: str, out_folder: str, patch_size=None, ssl: dict | None =
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
             f"{len(shapes)} with other shapes (e.g. {sorted(shapes)[:3]}). MDS needs the full MAE network with its "
             f"reconstruction output, one per input channel.")
-    network.load_state_dict(theirs)
+    network.load_state_dict(weights)
     section = {"role": "foundation", "ssl": settings.to_dict(), "num_input_channels": channels,
                "imported_from": {"format": "nnssl", "path": os.path.abspath(ckpt_file),
                                  "sha256": sha256_file(ckpt_file), "trainer_name": trainer_name,

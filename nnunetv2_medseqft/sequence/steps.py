@@ -42,7 +42,7 @@ class TaskSteps:
                 self.log(f"  planning with the foundation's plans and preprocessing {', '.join(todo)} (log: {log_file})")
                 warnings = []
                 with output_to(log_file):
-                    plan_datasets(todo, self.request.foundation, self.request.configuration,
+                    plan_datasets(todo, self.foundation, self.request.configuration,
                                   num_processes=int(os.environ.get("nnUNet_def_n_proc", 2)), plans_name=self.base_plans,
                                   warn=warnings.append)
                 for w in warnings:  # on the console, not only in the log
