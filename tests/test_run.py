@@ -374,6 +374,65 @@ def test_a_run_copied_with_its_nnunet_roots_still_finds_its_files(nnunet, medseq
     assert portable("/elsewhere/x.pth") == "/elsewhere/x.pth" == resolved("/elsewhere/x.pth")
 
 
+def test_a_moved_run_resumes_an_interrupted_training_and_evaluates_into_another_folder(nnunet, medseqft_run,
+                                                                                         tiny_foundation, tmp_path):
+    """A run killed inside a training, then moved with its nnU-Net roots to a new disk: the training continues there
+    from its checkpoint_latest.pth (its plans record M_(t-1) as ``$nnUNet_results/...``), and ``evaluate --out``
+    only reads the run folder."""
+    import shutil
+    import signal
+
+    from nnunet_helpers import NnunetFolders
+
+    from nnunetv2_medseqft.sequence.layout import LOCK_FILE
+
+    name, task = medseqft_run[0], "Dataset502_MSFTSpleen"
+    first = NnunetFolders(tmp_path / "disk1")
+    shutil.copytree(nnunet.raw, first.raw)
+    shutil.copytree(nnunet.preprocessed, first.preprocessed)
+    for folder in [nnunet.results / "medseqft_runs" / name, tiny_foundation.parent.parent.parent,
+                   *nnunet.results.glob(f"Dataset50[12]_*/*__MedSeqFTPlans_{name}__*")]:
+        shutil.copytree(folder, first.results / folder.relative_to(nnunet.results))
+    path = first.results / "medseqft_runs" / name / "manifest.json"
+    raw = json.loads(path.read_text())
+    checkpoint = Path(manifest(first, name)["steps"][f"train/{task}"]["outputs"]["model"]["path"])
+    del raw["steps"][f"train/{task}"]  # task 2 is trained again, and killed inside its training
+    path.write_text(json.dumps(raw))
+    shutil.rmtree(checkpoint.parent)
+    foundation = tiny_foundation.relative_to(nnunet.results)
+    cmd = run_cmd(first.results / foundation, name, "medseqft")
+    proc = subprocess.Popen([str(BIN / cmd[0])] + cmd[1:], env=first.env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None and not (checkpoint.parent / "checkpoint_latest.pth").is_file():
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before its training wrote checkpoint_latest.pth"
+    time.sleep(1)  # the checkpoint is written atomically; let the file land
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    plans = json.loads((checkpoint.parent.parent / "plans.json").read_text())
+    assert plans["medseqft"]["previous_model"].startswith("$nnUNet_results/"), plans["medseqft"]
+
+    copy = NnunetFolders(tmp_path / "disk2")
+    shutil.move(first.root, copy.root)  # the new disk; the old path no longer exists
+    resumed = run(run_cmd(copy.results / foundation, name, "medseqft"), copy)
+    moved = copy.results / checkpoint.relative_to(first.results)
+    assert moved.is_file() and not (moved.parent / "checkpoint_latest.pth").exists()
+    assert any(line.strip().startswith(f"task 2/2 {task}") and line.rstrip().endswith("--c")
+               for line in resumed.stdout.splitlines()), resumed.stdout  # continued, not restarted
+
+    run_folder = copy.results / "medseqft_runs" / name
+    before = {k: v for k, v in folder_hashes(run_folder).items() if k != LOCK_FILE}
+    out = tmp_path / "scores"
+    proc = run(["medseqft", "evaluate", name, "--out", str(out)], copy)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["scores"]) == {"Dataset501_MSFTLiver", task}, results["scores"].keys()
+    assert results["R"] is not None and str(out) in proc.stdout
+    assert {k: v for k, v in folder_hashes(run_folder).items() if k != LOCK_FILE} == before
+    inside = run(["medseqft", "evaluate", name, "--out", str(run_folder / "x")], copy, check=False)
+    assert inside.returncode == 2 and "lies inside the run folder" in inside.stderr, inside.stderr
+
+
 def test_m0_transfer_encoder_starts_from_m0s_encoder_and_a_fresh_decoder(nnunet, tiny_foundation):
     import torch
 

@@ -38,6 +38,7 @@ from nnunetv2_medseqft.method.buffer import oversampled_identifiers, random_buff
 from nnunetv2_medseqft.method.foundation import recorded_foundation, require_3d_configuration
 from nnunetv2_medseqft.method.previous_model import check_previous_model, previous_model_path
 from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings
+from nnunetv2_medseqft.paths import resolved
 from nnunetv2_medseqft.plugin.variants import apply_budget, budget_variant, seed_everything
 
 PREVIOUS_MODEL_FILE = "previous_model.pth"  # M_{t-1} as loaded (fresh head): teacher + LoRA base, also on --c
@@ -292,7 +293,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
             return path
         if not self.distill and self.rft.student_init != "fft" and self.rft.export != "fft":
             return None
-        path = self.plans_manager.plans.get("medseqft", {}).get("fft_model")
+        path = resolved(self.plans_manager.plans.get("medseqft", {}).get("fft_model"))
         if not path:
             raise MedSeqFTError(
                 f"{self.__class__.__name__} runs stage B only and needs F_t: set \"fft_model\": "

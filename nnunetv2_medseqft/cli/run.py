@@ -9,7 +9,8 @@ from nnunetv2_medseqft.sequence.runner import evaluate_run, run_sequence
 
 
 def _evaluate_cmd(args) -> int:
-    evaluate_run(args.run)
+    folder = evaluate_run(args.run, out=args.out)
+    print(f"results: {folder}/results.json")
     return 0
 
 
@@ -21,6 +22,9 @@ def run(args) -> int:
 def configure_parser(parser, name: str) -> None:
     if name == "evaluate":
         parser.add_argument("run", metavar="RUN", help="run name (under $nnUNet_results/medseqft_runs) or folder")
+        parser.add_argument("-o", "--out", metavar="DIR", default=None,
+                            help="write results.json and the overlays to DIR; the run folder and the nnU-Net roots "
+                                 "are only read (a read-only archive, a colleague's run)")
         parser.set_defaults(func=_evaluate_cmd)
         return
     parser.add_argument("--foundation", required=True, help="foundation checkpoint_final.pth (MedSeqFTPretrainTrainer, "

@@ -12,6 +12,7 @@ import sys
 from nnunetv2_medseqft.checkpoints import load_checkpoint_file, sha256_file
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import architecture_mismatches, describe_network
+from nnunetv2_medseqft.paths import resolved
 
 
 def previous_model_path(plans: dict, argv: list[str] | None = None) -> str | None:
@@ -20,7 +21,7 @@ def previous_model_path(plans: dict, argv: list[str] | None = None) -> str | Non
         i = argv.index("-pretrained_weights")
         if i + 1 < len(argv):
             return argv[i + 1]
-    return plans.get("medseqft", {}).get("previous_model")
+    return resolved(plans.get("medseqft", {}).get("previous_model"))  # ``$nnUNet_results/...`` as runs record it
 
 
 def check_previous_model(path: str, plans: dict, configuration: str, trainer_name: str,

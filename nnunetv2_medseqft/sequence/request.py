@@ -78,10 +78,11 @@ class RunRequest:
                 **({"m0_transfer": self.m0_transfer} if self.m0_transfer != "full" else {})}
 
 
-def validate(request: RunRequest):
-    """Every check that needs no training, before anything is written. Returns the loaded foundation."""
+def validate(request: RunRequest, writes: bool = True):
+    """Every check that needs no training, before anything is written. Returns the loaded foundation.
+    ``writes=False``: the request only reads the nnU-Net roots (``medseqft evaluate --out``)."""
     check_run_name(request.name)
-    for root in ("nnUNet_preprocessed", "nnUNet_results"):  # plans, buffers, models and the run's records
+    for root in ("nnUNet_preprocessed", "nnUNet_results") if writes else ():  # plans, buffers, models, records
         require_writable(root)
     method = get_method(request.method)
     request.fold = parse_fold(request.fold)

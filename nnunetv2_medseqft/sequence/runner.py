@@ -43,6 +43,7 @@ class Runner(TaskSteps, ScoringSteps):
         self.request, self.foundation, self.manifest, self.log = request, foundation, manifest, log
         self.method: Method = get_method(request.method)
         self.folder = manifest.folder
+        self.results_folder = manifest.folder  # where scores and overlays go (``medseqft evaluate --out``: elsewhere)
         self.base_plans = base_plans_name(foundation.sha256)
         self.step_index = 0
         self.steps = self._plan_steps()
@@ -157,20 +158,46 @@ def run_sequence(request: RunRequest, log=print) -> str:
     log(f"[{request.name}] done: {os.path.join(folder, RESULTS_FILE)}")
     return folder
 
-def evaluate_run(name_or_path: str, log=print) -> str:
-    """Re-score every finished model of a run (its own settings) into results.json; trains nothing."""
+def evaluate_run(name_or_path: str, out: str | None = None, log=print) -> str:
+    """Re-score every finished model of a run (its own settings) into results.json; trains nothing.
+
+    ``out``: write results.json and the overlays there instead of the run folder, which is only read (a read-only
+    archive, a colleague's run); returns the folder that holds the results."""
     folder, data = read_run(name_or_path)
-    with RunLock(folder):
-        request = RunRequest.from_manifest(data)
-        foundation = validate(request)
-        manifest = Manifest.open(folder, request.name, request.settings(foundation.sha256), request.command)
-        runner = Runner(request, foundation, manifest, log=log)
-        trained = True  # an evaluation step needs every training before it
-        for key, func in runner.steps:
-            if key.startswith("evaluate/") or key.endswith("/evaluate"):
-                if trained:
-                    log(f"[{request.name}] scoring: {key}")
-                    func()
-            elif key.startswith(("train/", "unseen/")):
-                trained = trained and manifest.is_done(key)
-    return folder
+    if out is None:
+        with RunLock(folder):
+            return _evaluate(folder, data, None, log)
+    out = os.path.abspath(out)
+    if os.path.commonpath([out, folder]) == folder:
+        raise MedSeqFTError(f"--out {out} lies inside the run folder {folder}: choose a folder elsewhere.")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise MedSeqFTError(f"--out {out} cannot be created ({e.strerror or e}): choose a folder you can write.") \
+            from None
+    try:
+        lock = RunLock(folder).__enter__()  # keeps a resuming run from changing models while they are scored
+    except OSError:
+        lock = None  # a folder nobody can write: no run can change it either
+    try:
+        return _evaluate(folder, data, out, log)
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _evaluate(folder: str, data: dict, out: str | None, log) -> str:
+    request = RunRequest.from_manifest(data)
+    foundation = validate(request, writes=out is None)
+    manifest = Manifest.open(folder, request.name, request.settings(foundation.sha256), request.command)
+    runner = Runner(request, foundation, manifest, log=log)
+    runner.results_folder = out or folder
+    trained = True  # an evaluation step needs every training before it
+    for key, func in runner.steps:
+        if key.startswith("evaluate/") or key.endswith("/evaluate"):
+            if trained:
+                log(f"[{request.name}] scoring: {key}")
+                func()
+        elif key.startswith(("train/", "unseen/")):
+            trained = trained and manifest.is_done(key)
+    return runner.results_folder

@@ -31,7 +31,7 @@ class ScoringSteps:
     """Runner steps that score models (mixed into ``Runner``; they train nothing)."""
 
     def _results(self) -> dict:
-        path = os.path.join(self.folder, RESULTS_FILE)
+        path = os.path.join(self.results_folder, RESULTS_FILE)
         if os.path.isfile(path):
             return read_json(path)
         r = self.request
@@ -40,7 +40,7 @@ class ScoringSteps:
                 "unseen_scores": {}, "curves": {}}
 
     def _save_results(self, results: dict) -> dict:
-        path = os.path.join(self.folder, RESULTS_FILE)
+        path = os.path.join(self.results_folder, RESULTS_FILE)
         write_json_atomic(results, path)
         return {"results": {"path": portable(path)}}  # appended to by later steps: no size
 
@@ -53,7 +53,7 @@ class ScoringSteps:
     def _evaluate_task(self, dataset: str) -> dict:
 
         val = self._validation(dataset)
-        scores = {"M": val.score(load_weights(self._task_model(dataset)), overlay=overlay_file(self.folder, dataset))}
+        scores = {"M": val.score(load_weights(self._task_model(dataset)), overlay=overlay_file(self.results_folder, dataset))}
         if self.method.has_fft and os.path.isfile(self._task_model(dataset, "F")):
             scores["F"] = val.score(load_weights(self._task_model(dataset, "F")))
         results = self._results()

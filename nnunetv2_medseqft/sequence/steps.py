@@ -13,7 +13,7 @@ from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.jsonio import read_json, write_json_atomic
 from nnunetv2_medseqft.method.buffer import buffer_file_path, select_buffer
 from nnunetv2_medseqft.method.settings import RFTSettings
-from nnunetv2_medseqft.paths import preprocessed_root, raw_dataset_json
+from nnunetv2_medseqft.paths import portable, preprocessed_root, raw_dataset_json, resolved
 from nnunetv2_medseqft.sequence.layout import LOGS_FOLDER
 from nnunetv2_medseqft.sequence.manifest import file_record
 from nnunetv2_medseqft.sequence.train_process import keep_previous_attempt, output_to, train_with_progress
@@ -79,7 +79,7 @@ class TaskSteps:
         section["mds"] = {**section.get("mds", {}), **r.mds, "seed": r.mds.get("seed", r.seed)}
         section.update(run=None if from_m0 else r.name, method="reference: full fine-tuning of M0" if from_m0
                        else r.method, seed=r.seed, rft=dict(r.rft), budget=dict(r.budget),
-                       final_validation=r.nnunet_validation, previous_model=os.path.abspath(previous_model))
+                       final_validation=r.nnunet_validation, previous_model=portable(previous_model))
         plans["plans_name"] = name
         return plans
 
@@ -143,7 +143,9 @@ class TaskSteps:
             for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
                 path = os.path.join(folder, name)
                 if os.path.isfile(path):
-                    theirs = load_checkpoint_file(path)["init_args"]["plans"].get("medseqft", {})
+                    theirs = dict(load_checkpoint_file(path)["init_args"]["plans"].get("medseqft", {}))
+                    if theirs.get("previous_model"):  # an older run's absolute record, or one from before a move
+                        theirs["previous_model"] = portable(resolved(theirs["previous_model"]))
                     diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
                     if diff:
                         raise MedSeqFTError(f"{path} was trained with other settings ({', '.join(diff)} differ) and "
