@@ -16,6 +16,7 @@ Steps of a run, in order (each recorded in the manifest, see ``manifest.py``):
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import start_from_foundation
@@ -168,22 +169,19 @@ def evaluate_run(name_or_path: str, out: str | None = None, log=print) -> str:
         with RunLock(folder):
             return _evaluate(folder, data, None, log)
     out = os.path.abspath(out)
-    if os.path.commonpath([out, folder]) == folder:
+    if os.path.commonpath([out, os.path.abspath(folder)]) == os.path.abspath(folder):
         raise MedSeqFTError(f"--out {out} lies inside the run folder {folder}: choose a folder elsewhere.")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise MedSeqFTError(f"--out {out} cannot be created ({e.strerror or e}): choose a folder you can write.") \
             from None
-    try:
-        lock = RunLock(folder).__enter__()  # keeps a resuming run from changing models while they are scored
-    except OSError:
-        lock = None  # a folder nobody can write: no run can change it either
-    try:
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(RunLock(folder))  # keeps a resuming run from changing models while they are scored
+        except OSError:
+            pass  # a folder nobody can write: no run can change it either
         return _evaluate(folder, data, out, log)
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
 
 
 def _evaluate(folder: str, data: dict, out: str | None, log) -> str:
