@@ -404,7 +404,8 @@ def test_a_moved_run_resumes_an_interrupted_training_and_evaluates_into_another_
     proc = subprocess.Popen([str(BIN / cmd[0])] + cmd[1:], env=first.env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None and not (checkpoint.parent / "checkpoint_latest.pth").is_file():
+    latest = checkpoint.parent / "checkpoint_latest.pth"
+    while time.time() < deadline and proc.poll() is None and not latest.is_file():
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before its training wrote checkpoint_latest.pth"
     time.sleep(1)  # the checkpoint is written atomically; let the file land

@@ -40,11 +40,13 @@ class Runner(TaskSteps, ScoringSteps):
     """The step graph of one run and the loop that walks it; the steps themselves live in ``steps.py``
     (plan, select, train) and ``scoring.py`` (evaluate)."""
 
-    def __init__(self, request: RunRequest, foundation, manifest: Manifest, log=print):
+    def __init__(self, request: RunRequest, foundation, manifest: Manifest, log=print,
+                 results_folder: str | None = None):
+        """``results_folder``: where scores and overlays go (default the run folder; ``medseqft evaluate --out``)."""
         self.request, self.foundation, self.manifest, self.log = request, foundation, manifest, log
         self.method: Method = get_method(request.method)
         self.folder = manifest.folder
-        self.results_folder = manifest.folder  # where scores and overlays go (``medseqft evaluate --out``: elsewhere)
+        self.results_folder = results_folder or manifest.folder
         self.base_plans = base_plans_name(foundation.sha256)
         self.step_index = 0
         self.steps = self._plan_steps()
@@ -168,8 +170,8 @@ def evaluate_run(name_or_path: str, out: str | None = None, log=print) -> str:
     if out is None:
         with RunLock(folder):
             return _evaluate(folder, data, None, log)
-    out = os.path.abspath(out)
-    if os.path.commonpath([out, os.path.abspath(folder)]) == os.path.abspath(folder):
+    out, folder = os.path.abspath(out), os.path.abspath(folder)
+    if os.path.commonpath([out, folder]) == folder:
         raise MedSeqFTError(f"--out {out} lies inside the run folder {folder}: choose a folder elsewhere.")
     try:
         os.makedirs(out, exist_ok=True)
@@ -188,8 +190,7 @@ def _evaluate(folder: str, data: dict, out: str | None, log) -> str:
     request = RunRequest.from_manifest(data)
     foundation = validate(request, writes=out is None)
     manifest = Manifest.open(folder, request.name, request.settings(foundation.sha256), request.command)
-    runner = Runner(request, foundation, manifest, log=log)
-    runner.results_folder = out or folder
+    runner = Runner(request, foundation, manifest, log=log, results_folder=out)
     trained = True  # an evaluation step needs every training before it
     for key, func in runner.steps:
         if key.startswith("evaluate/") or key.endswith("/evaluate"):

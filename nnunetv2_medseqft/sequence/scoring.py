@@ -53,7 +53,8 @@ class ScoringSteps:
     def _evaluate_task(self, dataset: str) -> dict:
 
         val = self._validation(dataset)
-        scores = {"M": val.score(load_weights(self._task_model(dataset)), overlay=overlay_file(self.results_folder, dataset))}
+        scores = {"M": val.score(load_weights(self._task_model(dataset)),
+                                 overlay=overlay_file(self.results_folder, dataset))}
         if self.method.has_fft and os.path.isfile(self._task_model(dataset, "F")):
             scores["F"] = val.score(load_weights(self._task_model(dataset, "F")))
         results = self._results()
