@@ -5,6 +5,7 @@ Planning and pre-training are real nnU-Net runs (minutes on 2 CPU cores), so the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,6 +68,12 @@ def planned_task(nnunet, tiny_foundation) -> PlannedTask:
     """The first sequential task planned and preprocessed with the foundation's plans by ``medseqft plan``."""
     run(["medseqft", "plan", "-d", str(FIRST_TASK_ID), "--foundation", str(tiny_foundation)], nnunet)
     name = next(nnunet.raw.glob(f"Dataset{FIRST_TASK_ID}_*")).name
+    # The trainers' MDS at test scale: 8 fixed draws per case. The adaptive default (up to 1000 draws) meets near-ties
+    # on these tiny cases and took ~2 min of every trainer test; test_mds.py covers adaptive scoring.
+    plans_file = nnunet.preprocessed / name / "MedSeqFTPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["medseqft"]["mds"] = {**plans["medseqft"].get("mds", {}), "repeats": 8}
+    plans_file.write_text(json.dumps(plans, indent=2))
     return PlannedTask(nnunet, FIRST_TASK_ID, name, "MedSeqFTPlans")
 
 
