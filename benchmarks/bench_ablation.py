@@ -64,7 +64,7 @@ def run_method(m0: Path, name: str, method: str, rft: dict, tasks: list[str], ar
     cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", str(m0), "--datasets", *tasks,
            "--method", method, "--name", name, "--seed", str(seed), "--fold", args.fold, "--device", "cpu",
            "--epochs", str(args.epochs), "--iterations", str(scale.iterations), "--val-iterations",
-           str(scale.val_iterations), "--mds", f"repeats={args.mds_repeats}"]
+           str(scale.val_iterations), "--mds", f"repeats={args.mds_repeats}", *scale.recipe_args()]
     if rft:
         cmd += ["--rft", *(f"{k}={v}" for k, v in rft.items())]
     print(f"== {name}", flush=True)

@@ -45,6 +45,8 @@ DIFFERENCES = {"medseqft_minus_parallel_dice": ("medseqft", "parallel", "mean_di
 
 
 def run_method(args, f: Path, method: str, seed: int) -> str:
+    from nnunetv2_medseqft.scales import get_scale
+
     name = f"fidelity-{method}-s{seed}-f{args.fold}"
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
     unseen = [str(POOL_ID + 5 + i) for i in range(args.unseen)]
@@ -53,7 +55,7 @@ def run_method(args, f: Path, method: str, seed: int) -> str:
     cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", str(f), "--datasets", *tasks,
            "--method", method, "--name", name, "--seed", str(seed), "--fold", args.fold, "--device", args.device,
            "--epochs", str(args.epochs), "--iterations", str(args.iterations), "--val-iterations",
-           str(args.val_iterations), "--mds", f"repeats={args.mds_repeats}"]
+           str(args.val_iterations), "--mds", f"repeats={args.mds_repeats}", *get_scale(args.scale).recipe_args()]
     if unseen:
         cmd += ["--unseen", *unseen]
     print(f"== {name}", flush=True)

@@ -41,7 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, scale, seed: int, fold: str,
-                 warmup: int = 0) -> dict:
+                 warmup: int = 0, mirroring: bool | None = None) -> dict:
     """One ``medseqft run --method parallel``; returns {dataset: Dice of M_t} and its training minutes."""
     from nnunetv2_medseqft.paths import case_sites
     from nnunetv2_medseqft.reports.overlays import dice_per_site
@@ -51,6 +51,8 @@ def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, sca
     cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", str(foundation), "--datasets", *tasks,
            "--method", "parallel", "--name", name, "--seed", str(seed), "--fold", fold, "--device", "cpu",
            "--epochs", str(epochs), "--iterations", str(scale.iterations), "--val-iterations", str(scale.val_iterations)]
+    if not (scale.mirroring if mirroring is None else mirroring):
+        cmd.append("--no-mirroring")
     if warmup:
         cmd += ["--warmup-epochs", str(warmup)]
     print(f"== {name}", flush=True)
@@ -118,6 +120,9 @@ def main() -> None:
     p.add_argument("--pretrain-trainer", default=None, help="another foundation budget than the scale's")
     p.add_argument("--warmup", type=int, default=0,
                    help="epochs of linear learning-rate warm-up in every fine-tuning (medseqft run --warmup-epochs)")
+    p.add_argument("--mirroring", choices=("on", "off"), default=None,
+                   help="nnU-Net's mirroring augmentation in every fine-tuning (default: the scale's; run names get "
+                        "-mirrorON/-mirrorOFF where it differs)")
     p.add_argument("--figures", default=str(RESULTS))
     args = p.parse_args()
     scale = get_scale(args.scale)
@@ -125,14 +130,17 @@ def main() -> None:
     workdir = Path(args.workdir).resolve()
     set_env(workdir)
     started = time.time()
-    w = f"-w{args.warmup}" if args.warmup else ""  # run names: a warm-up is another experiment
+    mirroring = None if args.mirroring is None else args.mirroring == "on"
+    w = f"-w{args.warmup}" if args.warmup else ""  # run names: a warm-up or other mirroring is another experiment
+    if mirroring is not None and mirroring != scale.mirroring:
+        w += f"-mirror{args.mirroring.upper()}"
 
     f = build_foundation(workdir, scale, "cpu", pretrain_trainer=args.pretrain_trainer)
     curve, f_minutes = foundation_curve(f)
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
     plateau = {}
     for e in args.budgets:
-        r = run_parallel(f, f"plateau-e{e}{w}-s0", tasks, e, scale, 0, args.fold, args.warmup)
+        r = run_parallel(f, f"plateau-e{e}{w}-s0", tasks, e, scale, 0, args.fold, args.warmup, mirroring)
         r["mean"] = statistics.mean(r["tasks"].values())
         plateau[str(e)] = r
     gain = {}
@@ -142,9 +150,9 @@ def main() -> None:
             pre = plateau[str(gain_budget)]["tasks"]
         else:
             pre = run_parallel(f, f"pretrained-e{gain_budget}{w}-s{seed}", gain_tasks, gain_budget, scale, seed,
-                               args.fold, args.warmup)["tasks"]
+                               args.fold, args.warmup, mirroring)["tasks"]
         scratch = run_parallel(random_init_foundation(f, seed), f"scratch-e{gain_budget}{w}-s{seed}", gain_tasks,
-                               gain_budget, scale, seed, args.fold, args.warmup)["tasks"]
+                               gain_budget, scale, seed, args.fold, args.warmup, mirroring)["tasks"]
         gain[str(seed)] = {d: {"from_m0": pre[d], "from_random": v} for d, v in scratch.items()}
     diffs = [v["from_m0"] - v["from_random"] for per in gain.values() for v in per.values()]
     figures = plot(curve, plateau, scale.iterations, Path(args.figures))
@@ -169,7 +177,8 @@ def main() -> None:
         "foundation_curve": curve, "foundation_minutes": f_minutes, "plateau": plateau,
         "parallel_mean_dice": round(default["mean"], 2) if default else None,
         "pretraining_gain_dice": round(statistics.mean(diffs), 2) if diffs else None,
-        "pretraining_gain": gain, "gain_budget_epochs": gain_budget, "warmup_epochs": args.warmup}))
+        "pretraining_gain": gain, "gain_budget_epochs": gain_budget, "warmup_epochs": args.warmup,
+        "mirroring": scale.mirroring if mirroring is None else mirroring}))
 
 
 if __name__ == "__main__":

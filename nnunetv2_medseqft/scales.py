@@ -28,6 +28,7 @@ class Scale:
     epochs: int  # task budget: epochs x iterations per task (medseqft run --epochs/--iterations)
     iterations: int
     val_iterations: int
+    mirroring: bool = True  # False: the generated abdomen has sides (liver right, spleen left), so no mirroring
 
     def plan_command(self, dataset_id: int, processes: str = "2") -> list[str]:
         """The stock command (``-pl`` needs ``medseqft register``: nnU-Net finds planners only in its own folder)."""
@@ -45,16 +46,21 @@ class Scale:
 
     def budget_args(self) -> list[str]:
         return ["--epochs", str(self.epochs), "--iterations", str(self.iterations),
-                "--val-iterations", str(self.val_iterations)]
+                "--val-iterations", str(self.val_iterations)] + self.recipe_args()
+
+    def recipe_args(self) -> list[str]:
+        """``medseqft run`` options of the scale besides the budget."""
+        return [] if self.mirroring else ["--no-mirroring"]
 
 
 SCALES = {
     "tiny": Scale("tiny", "tiny", None, "nnUNetPlans", "MedSeqFTPretrainTrainer_tiny", 4, 3, 1),
     # task budget: the plateau of parallel FFT (benchmarks/results/scale-*.txt)
-    "cpu": Scale("cpu", "cpu", "MedSeqFTCPUPlanner", "MedSeqFTCPUPlans", "MedSeqFTPretrainTrainer_cpu", 16, 50, 5),
+    "cpu": Scale("cpu", "cpu", "MedSeqFTCPUPlanner", "MedSeqFTCPUPlans", "MedSeqFTPretrainTrainer_cpu", 16, 50, 5,
+                 mirroring=False),
     # the same data and widths on nnU-Net's residual-encoder preset (ResEnc M layout), for the ResEnc benchmarks
     "cpu-resenc": Scale("cpu-resenc", "cpu", "MedSeqFTResEncCPUPlanner", "MedSeqFTResEncCPUPlans",
-                        "MedSeqFTPretrainTrainer_cpu", 16, 50, 5),
+                        "MedSeqFTPretrainTrainer_cpu", 16, 50, 5, mirroring=False),
 }
 
 

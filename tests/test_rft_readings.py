@@ -19,11 +19,13 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _plans(planned_task, name, foundation_path=None, **rft):
+def _plans(planned_task, name, foundation_path=None, budget=None, **rft):
     """MedSeqFTPlans under another name (same data identifier, so the same preprocessed data) with rft settings."""
     plans = json.loads((planned_task.preprocessed / "MedSeqFTPlans.json").read_text())
     plans["plans_name"] = name
     plans["medseqft"]["rft"] = rft
+    if budget:
+        plans["medseqft"]["budget"] = budget
     if foundation_path is not None:
         plans["medseqft"]["foundation"] = dict(plans["medseqft"]["foundation"], path=foundation_path)
     (planned_task.preprocessed / f"{name}.json").write_text(json.dumps(plans))
@@ -67,12 +69,16 @@ def test_student_from_fft_foundation_teacher_and_full_fft_budget(planned_task, t
     assert section["g_teacher"]["fingerprint"] == state_fingerprint(m0)
     assert section["previous_model"]["sha256"] == sha256_file(str(previous_model))
     assert section["rft"]["student_init"] == "fft" and section["rft"]["budget"] == "fft_full"
+    assert tuple(final["inference_allowed_mirroring_axes"]) == (0, 1, 2), "nnU-Net's mirroring by default"
 
 
-def test_export_fft_with_an_adamw_stage_b(planned_task, tiny_foundation):
-    plans = _plans(planned_task, "MedSeqFTPlansReadB", export="fft", stage_b_optimizer="adamw", stage_b_lr=0.002)
+def test_export_fft_with_an_adamw_stage_b_and_no_mirroring(planned_task, tiny_foundation):
+    plans = _plans(planned_task, "MedSeqFTPlansReadB", export="fft", stage_b_optimizer="adamw", stage_b_lr=0.002,
+                   budget={"mirroring": 0})
     _, out = _train(planned_task, plans, tiny_foundation)
     final, fft = _load(out / "checkpoint_final.pth"), _load(out / "checkpoint_fft.pth")
+    # budget mirroring=0: no mirroring augmentation, and stock nnUNetv2_predict reads no test-time mirror axes
+    assert final["inference_allowed_mirroring_axes"] is None and fft["inference_allowed_mirroring_axes"] is None
     assert set(final["network_weights"]) == set(fft["network_weights"])
     assert all(torch.equal(v, fft["network_weights"][k]) for k, v in final["network_weights"].items()), \
         "export=fft: checkpoint_final.pth holds F_t"

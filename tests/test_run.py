@@ -52,6 +52,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(nnunet, tiny_foundati
     (["--rft", "student_init=foo"], "student_init='foo' does not exist; choose one of: previous, fft"),
     (["--rft", "export=best"], "export='best' does not exist; choose one of: merged, fft"),
     (["--method", "lora", "--rft", "export=fft"], "--method lora trains no F_t and no retention terms"),
+    (["--no-mirroring", "--mirror"], "models trained with --no-mirroring never saw"),
 ])
 def test_bad_settings_are_refused_in_the_first_step(nnunet, tiny_foundation, extra, message):
     """Settings that would fail inside stage B or nnUNetv2_train are refused before planning, MDS or training."""
@@ -268,6 +269,22 @@ def test_short_budgets_write_checkpoint_latest_often_enough_to_continue():
     trainer = SimpleNamespace(save_every=50, num_epochs=1000)
     apply_budget(trainer, {"num_epochs": 16, "save_every": 8})
     assert trainer.save_every == 8
+
+
+def test_mirroring_is_a_budget_switch_and_the_cpu_scale_turns_it_off():
+    from types import SimpleNamespace
+
+    from nnunetv2_medseqft.plugin.variants import apply_budget
+    from nnunetv2_medseqft.scales import get_scale
+
+    trainer = SimpleNamespace(save_every=50, num_epochs=1000, mirroring=1)
+    apply_budget(trainer, {"mirroring": 0})
+    assert trainer.mirroring == 0
+    with pytest.raises(MedSeqFTError, match="mirroring must be 0 or 1, got 2"):
+        apply_budget(trainer, {"mirroring": 2})
+    # the generated abdomen has sides: its CPU scales train without mirroring, the unit-test scale as nnU-Net does
+    assert "--no-mirroring" in get_scale("cpu").budget_args() and "--no-mirroring" in get_scale("cpu-resenc").budget_args()
+    assert "--no-mirroring" not in get_scale("tiny").budget_args()
 
 
 def test_a_same_size_change_of_a_finished_output_is_caught(tmp_path):

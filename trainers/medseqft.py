@@ -57,6 +57,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
     distill = True  # False: stage B without the retention terms (the LoRA-only baseline)
     rft_overrides: dict = {}  # trainer-name variants (nnU-Net's way to vary settings)
     warmup_epochs = 0  # stage A: linear learning-rate warm-up epochs before the poly schedule (plans' budget)
+    mirroring = 1  # 0: no mirroring augmentation and no test-time mirror axes (anatomy with a left and a right side)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -176,6 +177,12 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         self.print_to_log_file(f"Epoch {self.current_epoch} (MedSeqFT stage {self.stage})")
         self.print_to_log_file(f"Current learning rate: {np.round(self.optimizer.param_groups[0]['lr'], decimals=5)}")
         self.logger.log("lrs", self.optimizer.param_groups[0]["lr"], self.current_epoch)
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, patch, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.mirroring:  # as nnU-Net's nnUNetTrainerNoMirroring: a mirrored abdomen swaps liver and spleen sides
+            mirror_axes = self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, patch, mirror_axes
 
     def train_step(self, batch: dict) -> dict:
         return self.rft_stage.train_step(self, batch) if self.rft_stage else super().train_step(batch)

@@ -43,6 +43,9 @@ def configure_parser(parser, name: str) -> None:
                         help="full fine-tuning (stage A) starts with this many epochs of linear learning-rate warm-up, "
                              "then nnU-Net's poly schedule over the rest (default 0: nnU-Net's schedule)")
     parser.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch (50)")
+    parser.add_argument("--no-mirroring", action="store_true",
+                        help="train without nnU-Net's mirroring augmentation, as nnUNetTrainerNoMirroring does (for "
+                             "anatomy whose sides differ: a mirrored abdomen puts the liver where the spleen is)")
     parser.add_argument("--rft", nargs="*", metavar="KEY=VALUE",
                         help="K&G RFT settings, e.g. lambda_g=0.5 lora_rank=4 (see README, Settings)")
     parser.add_argument("--mds", nargs="*", metavar="KEY=VALUE", help="MDS settings, e.g. repeats=64 k=4")

@@ -27,8 +27,9 @@ def budget_variant(name: str, base: type, module: str, epochs: int, iterations: 
 
 BUDGET_KEYS = {"num_epochs": "num_epochs", "iterations": "num_iterations_per_epoch",
                "val_iterations": "num_val_iterations_per_epoch", "save_every": "save_every",
-               "warmup_epochs": "warmup_epochs"}
-MIN_BUDGET = {"warmup_epochs": 0}  # every other budget key is >= 1
+               "warmup_epochs": "warmup_epochs", "mirroring": "mirroring"}
+MIN_BUDGET = {"warmup_epochs": 0, "mirroring": 0}  # every other budget key is >= 1
+MAX_BUDGET = {"mirroring": 1}  # 1: nnU-Net's mirroring augmentation (and test-time axes); 0: none
 
 
 def apply_budget(trainer, budget: dict) -> None:
@@ -40,8 +41,9 @@ def apply_budget(trainer, budget: dict) -> None:
         raise MedSeqFTError(f"Unknown keys {unknown} in the plans' medseqft.budget; known: {sorted(BUDGET_KEYS)}.")
     for key, value in budget.items():
         if value is not None:
-            if int(value) < MIN_BUDGET.get(key, 1):
-                raise MedSeqFTError(f"medseqft.budget.{key} must be >= {MIN_BUDGET.get(key, 1)}, got {value}.")
+            if int(value) < MIN_BUDGET.get(key, 1) or int(value) > MAX_BUDGET.get(key, int(value)):
+                allowed = "0 or 1" if key in MAX_BUDGET else f">= {MIN_BUDGET.get(key, 1)}"
+                raise MedSeqFTError(f"medseqft.budget.{key} must be {allowed}, got {value}.")
             setattr(trainer, BUDGET_KEYS[key], int(value))
     if budget.get("num_epochs") and budget.get("save_every") is None:
         # nnU-Net writes checkpoint_latest.pth every 50 epochs: a short budget would never have one, and an

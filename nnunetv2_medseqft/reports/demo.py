@@ -22,8 +22,7 @@ SCALE = "cpu"
 POOL_ID, FIRST_TASK, NUM_TASKS = 500, 501, 2  # synth with 2 tasks: 501 liver, 502 spleen (503/504 unseen, unused)
 PRETRAINER = "MedSeqFTPretrainTrainer_cpuDemo"  # 8 of _cpu's 60 epochs (reconstruction score ~0.79 vs ~0.89)
 METHODS = ("medseqft", "seqfft", "parallel")
-# per task: 6 epochs x 50 iterations (provisional: the plateau of this scale is not measured yet); MDS 16 draws/case
-RUN_ARGS = ["--epochs", "6", "--iterations", "50", "--val-iterations", "2", "--mds", "repeats=16"]
+MDS_ARGS = ["--mds", "repeats=16"]  # 16 draws per case: the buffer of a demo, not the paper's 1000
 
 
 def demo_env(out: str) -> dict:
@@ -84,7 +83,7 @@ def run_demo(out: str, device: str = "cpu") -> str:
         name = f"demo-{method}"
         print(f"== medseqft run --method {method} over datasets {' '.join(tasks)}", flush=True)
         cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", foundation, "--datasets", *tasks,
-               "--method", method, "--name", name, "--device", device, *RUN_ARGS]
+               "--method", method, "--name", name, "--device", device, *scale.budget_args(), *MDS_ARGS]
         if subprocess.run(cmd, env=env).returncode != 0:
             raise MedSeqFTError(f"The {method} run stopped. Resume the demo with: medseqft demo --out {out}")
         runs.append(os.path.join(env["nnUNet_results"], "medseqft_runs", name))

@@ -117,6 +117,9 @@ def validate(request: RunRequest, writes: bool = True):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise MedSeqFTError(f"--{key.replace('num_', '').replace('_', '-')} must be an integer >= {low}, "
                                 f"got {value!r}.")
+    if request.mirror and request.budget.get("mirroring") == 0:
+        raise MedSeqFTError("--mirror evaluates with test-time mirroring, which models trained with --no-mirroring "
+                            "never saw. Drop one of them.")
     rft = RFTSettings.from_dict(request.rft)  # types, ranges and the names of the readings
     mds = MDSSettings.from_dict(request.mds)
     if method.lora and not method.has_fft:  # LoRA only: no F_t, no retention terms
@@ -139,7 +142,8 @@ def validate(request: RunRequest, writes: bool = True):
 
 def request_from_args(args) -> RunRequest:
     budget = {k: v for k, v in (("num_epochs", args.epochs), ("iterations", args.iterations),
-                                ("val_iterations", args.val_iterations), ("warmup_epochs", args.warmup_epochs))
+                                ("val_iterations", args.val_iterations), ("warmup_epochs", args.warmup_epochs),
+                                ("mirroring", 0 if args.no_mirroring else None))
               if v is not None}
     return RunRequest(name=args.name, method=args.method, foundation=args.foundation, datasets=args.datasets,
                       unseen=args.unseen or [], fold=args.fold, seed=args.seed, configuration=args.c,
