@@ -82,6 +82,7 @@ def plot(curve: list[float], plateau: dict, iterations: int, out: Path) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(curve) + 1), curve, marker=".")
     ax.set(xlabel="pre-training epoch", ylabel="reconstruction score (1 - MSE/MSE0)", title="Foundation M0")

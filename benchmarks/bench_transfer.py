@@ -109,6 +109,9 @@ def main() -> None:
     p.add_argument("--labelled", type=int, default=None,
                    help="label-scarce protocol: train every fold on this many of its training cases (needs --source)")
     p.add_argument("--source", default=None, help="with --labelled: the workdir whose data and foundation are used")
+    p.add_argument("--mirroring", choices=("on", "off"), default=None,
+                   help="nnU-Net's mirroring augmentation (default: the scale's; run names get -mirrorON/-mirrorOFF "
+                        "where it differs)")
     args = p.parse_args()
     scale = get_scale(args.scale)
     epochs = args.epochs or scale.epochs
@@ -141,8 +144,11 @@ def main() -> None:
             # the run names of bench_scale.py for the arms it also runs, so their runs are shared
             name = {"random": "scratch", "full": "pretrained"}.get(arm, arm.replace(".", "p"))  # no '.' in run names
             name = "plateau" if (arm == "full" and seed == 0) else name
+            mirroring = None if args.mirroring is None else args.mirroring == "on"
+            if mirroring is not None and mirroring != scale.mirroring:
+                name += f"-mirror{args.mirroring.upper()}"
             r = run_parallel(start, f"{name}-f{args.fold}-e{epochs}-s{seed}" if args.fold != "0" else
-                             f"{name}-e{epochs}-s{seed}", tasks, epochs, scale, seed, args.fold)
+                             f"{name}-e{epochs}-s{seed}", tasks, epochs, scale, seed, args.fold, mirroring=mirroring)
             dice[arm][str(seed)] = r["tasks"]
             print(f"{arm} seed {seed}: " + ", ".join(f"{d} {v:.1f}" for d, v in r["tasks"].items()), flush=True)
     gain = {}
