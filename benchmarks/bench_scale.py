@@ -19,6 +19,7 @@ The LAST line printed is a JSON object:
   parallel_mean_dice      mean task Dice of parallel FFT at the scale's default budget
   pretraining_gain_dice   mean over gain tasks and seeds of Dice(FFT from M0) - Dice(FFT from random init)
   pretraining_gain        per seed and task: {"from_m0", "from_random"}
+  gain_budget_epochs, warmup_epochs, mirroring   the fine-tuning recipe of every run
 
 ``python benchmarks/bench_scale.py --workdir W`` (about 1 h on 2 cores).
 """

@@ -145,10 +145,9 @@ def main() -> None:
             name = {"random": "scratch", "full": "pretrained"}.get(arm, arm.replace(".", "p"))  # no '.' in run names
             name = "plateau" if (arm == "full" and seed == 0) else name
             mirroring = None if args.mirroring is None else args.mirroring == "on"
-            if mirroring is not None and mirroring != scale.mirroring:
-                name += f"-mirror{args.mirroring.upper()}"
-            r = run_parallel(start, f"{name}-f{args.fold}-e{epochs}-s{seed}" if args.fold != "0" else
-                             f"{name}-e{epochs}-s{seed}", tasks, epochs, scale, seed, args.fold, mirroring=mirroring)
+            tag = f"-mirror{args.mirroring.upper()}" if mirroring not in (None, scale.mirroring) else ""  # as bench_scale
+            r = run_parallel(start, f"{name}-f{args.fold}-e{epochs}{tag}-s{seed}" if args.fold != "0" else
+                             f"{name}-e{epochs}{tag}-s{seed}", tasks, epochs, scale, seed, args.fold, mirroring=mirroring)
             dice[arm][str(seed)] = r["tasks"]
             print(f"{arm} seed {seed}: " + ", ".join(f"{d} {v:.1f}" for d, v in r["tasks"].items()), flush=True)
     gain = {}
@@ -164,6 +163,7 @@ def main() -> None:
         print(f"| {arm} | " + " | ".join(cells) + f" | {gain.get(arm)} |")
     print(json.dumps({"fold": args.fold, "epochs": epochs, "iterations_per_epoch": scale.iterations,
                       "labelled_cases_per_fold": args.labelled,
+                      "mirroring": scale.mirroring if args.mirroring is None else args.mirroring == "on",
                       "seeds": args.seeds, "tasks": tasks, "dice": dice, "gain": gain, "foundation_curves": curves}))
 
 

@@ -19,13 +19,13 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _plans(planned_task, name, foundation_path=None, budget=None, **rft):
+def _plans(planned_task, name, foundation_path=None, training=None, **rft):
     """MedSeqFTPlans under another name (same data identifier, so the same preprocessed data) with rft settings."""
     plans = json.loads((planned_task.preprocessed / "MedSeqFTPlans.json").read_text())
     plans["plans_name"] = name
     plans["medseqft"]["rft"] = rft
-    if budget:
-        plans["medseqft"]["budget"] = budget
+    if training:  # the plans' medseqft.budget (rft has a key of that name: budget=split|fft_full)
+        plans["medseqft"]["budget"] = training
     if foundation_path is not None:
         plans["medseqft"]["foundation"] = dict(plans["medseqft"]["foundation"], path=foundation_path)
     (planned_task.preprocessed / f"{name}.json").write_text(json.dumps(plans))
@@ -74,7 +74,7 @@ def test_student_from_fft_foundation_teacher_and_full_fft_budget(planned_task, t
 
 def test_export_fft_with_an_adamw_stage_b_and_no_mirroring(planned_task, tiny_foundation):
     plans = _plans(planned_task, "MedSeqFTPlansReadB", export="fft", stage_b_optimizer="adamw", stage_b_lr=0.002,
-                   budget={"mirroring": 0})
+                   training={"mirroring": 0})
     _, out = _train(planned_task, plans, tiny_foundation)
     final, fft = _load(out / "checkpoint_final.pth"), _load(out / "checkpoint_fft.pth")
     # budget mirroring=0: no mirroring augmentation, and stock nnUNetv2_predict reads no test-time mirror axes

@@ -12,7 +12,7 @@ from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import M0_TRANSFERS, check_channels, load_foundation
 from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings, key_value
 from nnunetv2_medseqft.paths import fold_training_count, parse_fold, raw_dataset, require_writable, resolved
-from nnunetv2_medseqft.plugin.variants import BUDGET_KEYS, MIN_BUDGET
+from nnunetv2_medseqft.plugin.variants import BUDGET_KEYS, MAX_BUDGET, MIN_BUDGET
 from nnunetv2_medseqft.sequence.layout import check_run_name
 from nnunetv2_medseqft.sequence.recipes import get_method
 
@@ -113,10 +113,13 @@ def validate(request: RunRequest, writes: bool = True):
     if unknown:
         raise MedSeqFTError(f"Unknown budget keys {unknown}; known: {sorted(BUDGET_KEYS)}.")
     for key, value in request.budget.items():
-        low = MIN_BUDGET.get(key, 1)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise MedSeqFTError(f"--{key.replace('num_', '').replace('_', '-')} must be an integer >= {low}, "
-                                f"got {value!r}.")
+        low, high = MIN_BUDGET.get(key, 1), MAX_BUDGET.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low
+                                  or (high is not None and value > high)):
+            what = "--no-mirroring sets mirroring to 0; it" if key == "mirroring" else \
+                f"--{key.replace('num_', '').replace('_', '-')}"
+            raise MedSeqFTError(f"{what} must be an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+                                + f", got {value!r}.")
     if request.mirror and request.budget.get("mirroring") == 0:
         raise MedSeqFTError("--mirror evaluates with test-time mirroring, which models trained with --no-mirroring "
                             "never saw. Drop one of them.")
