@@ -41,6 +41,12 @@ from bench_mds import POOL_ID, build_foundation, random_init_foundation, set_env
 RESULTS = Path(__file__).parent / "results"
 
 
+def mirroring_choice(choice: str | None, scale) -> tuple[bool | None, str]:
+    """``--mirroring on|off`` as run_parallel's argument, and the run-name tag where it differs from the scale's."""
+    mirroring = None if choice is None else choice == "on"
+    return mirroring, (f"-mirror{choice.upper()}" if mirroring not in (None, scale.mirroring) else "")
+
+
 def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, scale, seed: int, fold: str,
                  warmup: int = 0, mirroring: bool | None = None) -> dict:
     """One ``medseqft run --method parallel``; returns {dataset: Dice of M_t} and its training minutes."""
@@ -132,10 +138,8 @@ def main() -> None:
     workdir = Path(args.workdir).resolve()
     set_env(workdir)
     started = time.time()
-    mirroring = None if args.mirroring is None else args.mirroring == "on"
-    w = f"-w{args.warmup}" if args.warmup else ""  # run names: a warm-up or other mirroring is another experiment
-    if mirroring is not None and mirroring != scale.mirroring:
-        w += f"-mirror{args.mirroring.upper()}"
+    mirroring, tag = mirroring_choice(args.mirroring, scale)
+    w = (f"-w{args.warmup}" if args.warmup else "") + tag  # run names: a warm-up or other mirroring is another experiment
 
     f = build_foundation(workdir, scale, "cpu", pretrain_trainer=args.pretrain_trainer)
     curve, f_minutes = foundation_curve(f)
