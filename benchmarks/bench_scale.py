@@ -3,7 +3,8 @@
 Builds in --workdir (reusing what exists; every ``medseqft run`` resumes where it stopped):
 1. the generated data, the pool planned and the foundation pre-trained at --scale; its reconstruction
    curve (the score nnU-Net logs per epoch) and pre-training minutes;
-2. the plateau: ``medseqft run --method parallel`` (full fine-tuning of M0 on every task) at each
+2. the plateau: ``medseqft run --method parallel`` (full fine-tuning of M0 on every task; M0 as the scale's
+   ``--m0-transfer`` gives it, e.g. its encoder with a fresh decoder) at each
    --budgets epoch count (x the scale's iterations per epoch), on --fold;
 3. the pre-training gain: the same parallel FFT from a random initialisation of the same network
    (nnU-Net's init, seeded), against FFT from M0, on the first --gain-tasks tasks, --gain-seeds seeds,
@@ -19,7 +20,7 @@ The LAST line printed is a JSON object:
   parallel_mean_dice      mean task Dice of parallel FFT at the scale's default budget
   pretraining_gain_dice   mean over gain tasks and seeds of Dice(FFT from M0) - Dice(FFT from random init)
   pretraining_gain        per seed and task: {"from_m0", "from_random"}
-  gain_budget_epochs, warmup_epochs, mirroring   the fine-tuning recipe of every run
+  gain_budget_epochs, warmup_epochs, mirroring, m0_transfer   the fine-tuning recipe of every run
 
 ``python benchmarks/bench_scale.py --workdir W`` (about 1 h on 2 cores).
 """
@@ -48,8 +49,9 @@ def mirroring_choice(choice: str | None, scale) -> tuple[bool | None, str]:
 
 
 def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, scale, seed: int, fold: str,
-                 warmup: int = 0, mirroring: bool | None = None) -> dict:
-    """One ``medseqft run --method parallel``; returns {dataset: Dice of M_t} and its training minutes."""
+                 warmup: int = 0, mirroring: bool | None = None, transfer: str = "full") -> dict:
+    """One ``medseqft run --method parallel``; returns {dataset: Dice of M_t} and its training minutes.
+    ``transfer``: its ``--m0-transfer`` (``full`` loads ``foundation`` as it is: the random init, the other arms)."""
     from nnunetv2_medseqft.paths import case_sites
     from nnunetv2_medseqft.reports.overlays import dice_per_site
     from nnunetv2_medseqft.reports.report import load_results
@@ -62,6 +64,8 @@ def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, sca
         cmd.append("--no-mirroring")
     if warmup:
         cmd += ["--warmup-epochs", str(warmup)]
+    if transfer != "full":
+        cmd += ["--m0-transfer", transfer]
     print(f"== {name}", flush=True)
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit(f"{name} failed; re-run this benchmark to resume it.")
@@ -131,6 +135,8 @@ def main() -> None:
     p.add_argument("--mirroring", choices=("on", "off"), default=None,
                    help="nnU-Net's mirroring augmentation in every fine-tuning (default: the scale's; run names get "
                         "-mirrorON/-mirrorOFF where it differs)")
+    p.add_argument("--m0-transfer", choices=("full", "encoder"), default=None,
+                   help="what the runs from M0 receive (default: the scale's; run names get -encoder where not full)")
     p.add_argument("--figures", default=str(RESULTS))
     args = p.parse_args()
     scale = get_scale(args.scale)
@@ -140,13 +146,15 @@ def main() -> None:
     started = time.time()
     mirroring, tag = mirroring_choice(args.mirroring, scale)
     w = (f"-w{args.warmup}" if args.warmup else "") + tag  # run names: a warm-up or other mirroring is another experiment
+    transfer = args.m0_transfer or scale.m0_transfer
+    wm = w + ("" if transfer == "full" else f"-{transfer}")  # ... and so is another start from M0 (not for scratch)
 
     f = build_foundation(workdir, scale, "cpu", pretrain_trainer=args.pretrain_trainer)
     curve, f_minutes = foundation_curve(f)
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
     plateau = {}
     for e in args.budgets:
-        r = run_parallel(f, f"plateau-e{e}{w}-s0", tasks, e, scale, 0, args.fold, args.warmup, mirroring)
+        r = run_parallel(f, f"plateau-e{e}{wm}-s0", tasks, e, scale, 0, args.fold, args.warmup, mirroring, transfer)
         r["mean"] = statistics.mean(r["tasks"].values())
         plateau[str(e)] = r
     gain = {}
@@ -155,8 +163,8 @@ def main() -> None:
         if seed == 0 and str(gain_budget) in plateau:
             pre = plateau[str(gain_budget)]["tasks"]
         else:
-            pre = run_parallel(f, f"pretrained-e{gain_budget}{w}-s{seed}", gain_tasks, gain_budget, scale, seed,
-                               args.fold, args.warmup, mirroring)["tasks"]
+            pre = run_parallel(f, f"pretrained-e{gain_budget}{wm}-s{seed}", gain_tasks, gain_budget, scale, seed,
+                               args.fold, args.warmup, mirroring, transfer)["tasks"]
         scratch = run_parallel(random_init_foundation(f, seed), f"scratch-e{gain_budget}{w}-s{seed}", gain_tasks,
                                gain_budget, scale, seed, args.fold, args.warmup, mirroring)["tasks"]
         gain[str(seed)] = {d: {"from_m0": pre[d], "from_random": v} for d, v in scratch.items()}
@@ -184,7 +192,7 @@ def main() -> None:
         "parallel_mean_dice": round(default["mean"], 2) if default else None,
         "pretraining_gain_dice": round(statistics.mean(diffs), 2) if diffs else None,
         "pretraining_gain": gain, "gain_budget_epochs": gain_budget, "warmup_epochs": args.warmup,
-        "mirroring": scale.mirroring if mirroring is None else mirroring}))
+        "mirroring": scale.mirroring if mirroring is None else mirroring, "m0_transfer": transfer}))
 
 
 if __name__ == "__main__":

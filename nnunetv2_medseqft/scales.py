@@ -29,6 +29,9 @@ class Scale:
     iterations: int
     val_iterations: int
     mirroring: bool = True  # False: the generated abdomen has sides (liver right, spleen left), so no mirroring
+    # what a task started from M0 receives (medseqft run --m0-transfer): "encoder" where the MIM decoder's last
+    # stage is left dead for segmentation (README: Scales)
+    m0_transfer: str = "full"
 
     def plan_command(self, dataset_id: int, processes: str = "2") -> list[str]:
         """The stock command (``-pl`` needs ``medseqft register``: nnU-Net finds planners only in its own folder)."""
@@ -50,17 +53,18 @@ class Scale:
 
     def recipe_args(self) -> list[str]:
         """``medseqft run`` options of the scale besides the budget."""
-        return [] if self.mirroring else ["--no-mirroring"]
+        return ([] if self.mirroring else ["--no-mirroring"]) + \
+            ([] if self.m0_transfer == "full" else ["--m0-transfer", self.m0_transfer])
 
 
 SCALES = {
     "tiny": Scale("tiny", "tiny", None, "nnUNetPlans", "MedSeqFTPretrainTrainer_tiny", 4, 3, 1),
     # task budget: the plateau of parallel FFT (benchmarks/results/scale-*.txt)
     "cpu": Scale("cpu", "cpu", "MedSeqFTCPUPlanner", "MedSeqFTCPUPlans", "MedSeqFTPretrainTrainer_cpu", 16, 50, 5,
-                 mirroring=False),
+                 mirroring=False, m0_transfer="encoder"),
     # the same data and widths on nnU-Net's residual-encoder preset (ResEnc M layout), for the ResEnc benchmarks
     "cpu-resenc": Scale("cpu-resenc", "cpu", "MedSeqFTResEncCPUPlanner", "MedSeqFTResEncCPUPlans",
-                        "MedSeqFTPretrainTrainer_cpu", 16, 50, 5, mirroring=False),
+                        "MedSeqFTPretrainTrainer_cpu", 16, 50, 5, mirroring=False, m0_transfer="encoder"),
 }
 
 

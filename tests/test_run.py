@@ -287,6 +287,21 @@ def test_mirroring_is_a_budget_switch_and_the_cpu_scale_turns_it_off():
     assert "--no-mirroring" not in get_scale("tiny").budget_args()
 
 
+@pytest.mark.parametrize("scale,transfer,mirroring", [("cpu", "encoder", False), ("cpu-resenc", "encoder", False),
+                                                      ("tiny", "full", True)])
+def test_a_scales_recipe_is_what_medseqft_run_parses(scale, transfer, mirroring):
+    """The benchmarks and the demo pass ``Scale.budget_args()`` to ``medseqft run``: its parser must read them as
+    the scale says (the CPU scales start from M0's encoder: their MIM decoder's last stage is dead for segmentation)."""
+    from nnunetv2_medseqft.cli.main import build_parser
+    from nnunetv2_medseqft.scales import get_scale
+
+    s = get_scale(scale)
+    args = build_parser().parse_args(["run", "--foundation", "F", "--datasets", "501", "--name", "r",
+                                        *s.budget_args()])
+    assert args.m0_transfer == transfer and args.no_mirroring == (not mirroring)
+    assert (args.epochs, args.iterations, args.val_iterations) == (s.epochs, s.iterations, s.val_iterations)
+
+
 def test_a_same_size_change_of_a_finished_output_is_caught(tmp_path):
     from nnunetv2_medseqft.sequence.manifest import Manifest, file_record
 
