@@ -20,7 +20,7 @@ import torch
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.buffer import buffer_file_path, load_buffer, prepare, select_buffer
-from nnunetv2_medseqft.method.mds import CaseStream, score, summary_table
+from nnunetv2_medseqft.method.mds import CaseScores, CommonDraws, _unsettled, score, summary_table
 from nnunetv2_medseqft.method.settings import MDSSettings
 
 CHEAP = MDSSettings(k=2, repeats=2, draws_per_batch=2)  # one forward of 2 patches per case
@@ -132,14 +132,13 @@ def test_adaptive_matches_fixed_with_fewer_draws(fold_all):
     fixed, adaptive = fold_all.fixed, fold_all.adaptive
     assert set(adaptive["buffer"]) == set(fixed["buffer"])
     assert adaptive["draws"] < fixed["draws"], (adaptive["draws"], fixed["draws"])
-    assert adaptive["mode"] == "adaptive" and adaptive["z"] > 3  # Bonferroni over 8 cases at 0.99
+    assert adaptive["mode"] == "adaptive" and adaptive["z"] > 3  # Bonferroni over the 4 x 4 pairs at 0.99
     for case, r in adaptive["cases"].items():
         assert r["draws"] in (8, 16)
         if r["draws"] == 16:  # same streams: a case drawn to the cap has exactly the fixed-mode score
             assert r["mean"] == pytest.approx(fixed["cases"][case]["mean"], rel=1e-12)
-        if r["settled"] and adaptive["boundary"] is not None:  # clear of the boundary, or inside the zone
-            b, half = adaptive["boundary"], adaptive["z"] * r["se"]
-            assert abs(r["mean"] - b) > half or half <= adaptive["key"]["settings"]["tolerance"] * abs(b)
+        if r["draws"] == 8:  # stopped early: no open pair held it (the rule: test_pairs_settle_on_paired_differences)
+            assert r["settled"]
     table = summary_table(adaptive, fold_all.sites)
     assert all(case in table for case in adaptive["cases"]) and "siteC" in table
 
@@ -219,8 +218,10 @@ def test_cuda_saved_foundation_loads_on_cpu(work, tiny_foundation, tmp_path):
     cpu, cuda = load_foundation(str(tiny_foundation)), load_foundation(str(cuda_path))
     x = np.random.default_rng(0).standard_normal((2, 1, *cpu.plans["configurations"]["3d_fullres"]["patch_size"]))
     x = x.astype(np.float32)
-    a = SSLScorer(cpu).losses(x, torch.Generator().manual_seed(0))
-    b = SSLScorer(cuda).losses(x, torch.Generator().manual_seed(0))
+    from nnunetv2_medseqft.method.ssl import block_mask
+
+    masks = block_mask(x.shape, cpu.ssl, torch.Generator().manual_seed(0))
+    a, b = SSLScorer(cpu).losses(x, masks), SSLScorer(cuda).losses(x, masks)
     assert np.array_equal(a, b)
 
 
@@ -277,9 +278,45 @@ def test_missing_preprocessed_data_and_bad_fold(work):
         prepare(work.name, 0, settings=CHEAP)
 
 
-def test_case_streams_are_keyed_by_seed_and_case():
-    a, b = CaseStream.create(0, "case_1"), CaseStream.create(0, "case_1")
-    assert a.rng.random() == b.rng.random() and torch.equal(torch.rand(3, generator=a.generator),
-                                                            torch.rand(3, generator=b.generator))
-    assert CaseStream.create(0, "case_2").rng.random() != CaseStream.create(0, "case_1").rng.random()
-    assert CaseStream.create(1, "case_1").rng.random() != CaseStream.create(0, "case_1").rng.random()
+def test_common_draws_depend_on_seed_and_index_only():
+    """Draw j is the same for every case and every batching (chunks of 64 included): the first n draws of
+    adaptive mode are those of fixed mode, and a case's scores do not depend on the cases scored with it."""
+    from nnunetv2_medseqft.method.ssl import SSLSettings
+
+    ssl = SSLSettings(block_size=8)
+    a, b = CommonDraws(0, (16, 24, 24), ssl), CommonDraws(0, (16, 24, 24), ssl)
+    pos, masks = a.get(0, 70)
+    assert pos.shape == (70, 3) and masks.shape == (70, 1, 2, 3, 3) and 0 <= pos.min() and pos.max() < 1
+    parts = [b.get(i, min(i + 8, 70)) for i in range(0, 70, 8)]
+    assert np.array_equal(pos, np.concatenate([p for p, _ in parts]))
+    assert torch.equal(masks, torch.cat([m for _, m in parts]))
+    assert (masks.flatten(1).sum(1) == 9).all()  # half of the 18 blocks hidden in every draw
+    other_pos, other_masks = CommonDraws(1, (16, 24, 24), ssl).get(0, 70)
+    assert not np.array_equal(pos, other_pos) and not torch.equal(masks, other_masks)
+
+
+def _case(key, losses):
+    return CaseScores(key, [float(v) for v in losses])
+
+
+def test_pairs_settle_on_paired_differences():
+    """The stopping rule compares cases draw by draw: two cases whose losses swing together but differ by a
+    constant are told apart at once, however noisy each loss is; an unresolved pair keeps both cases open."""
+    rng = np.random.default_rng(0)
+    swing = rng.normal(0, 1.0, 32)  # what the draw (patch place, mask) does to every case
+    good, better = _case("good", 5.0 + swing), _case("better", 4.5 + swing + rng.normal(0, 0.01, 32))
+    worse = _case("worse", 6.0 + swing + rng.normal(0, 0.01, 32))
+    open_cases, b = _unsettled([worse, good, better], k=1, z=4.0)
+    assert open_cases == [] and b == pytest.approx((better.stats()[0] + good.stats()[0]) / 2)
+    # the same means with independent noise of the same size: not separable with 32 draws
+    noisy = [_case("good", 5.0 + rng.normal(0, 1.0, 32)), _case("better", 4.5 + rng.normal(0, 1.0, 32)),
+             _case("worse", 6.0 + rng.normal(0, 1.0, 32))]
+    assert {c.key for c in _unsettled(noisy, k=1, z=4.0)[0]} >= {"good", "better"}
+    # a near-tie known to within the indifference zone (2% of the boundary) is settled; wider, it is open
+    tie = _case("tie", 4.5 + swing + rng.normal(0, 0.05, 32))
+    assert _unsettled([better, tie, worse], k=1, z=4.0, tolerance=0.02)[0] == []
+    assert {c.key for c in _unsettled([better, tie, worse], k=1, z=4.0, tolerance=0.0)[0]} == {"better", "tie"}
+    # every case in the buffer: nothing to separate
+    assert _unsettled([good, better], k=2, z=4.0) == ([], None)
+
+

@@ -493,3 +493,29 @@ def test_m0_transfer_encoder_starts_from_m0s_encoder_and_a_fresh_decoder(nnunet,
     proc = run(["medseqft", "run", "--foundation", str(tiny_foundation), "--datasets", "501", "--method", "parallel",
                 "--name", name, "--epochs", "2", "--iterations", "2", "--val-iterations", "1"], nnunet, check=False)
     assert proc.returncode == 2 and "m0_transfer" in proc.stderr, "resuming with another transfer is refused"
+
+
+def test_a_foundation_with_an_inactive_last_stage_is_named_before_a_full_transfer(tiny_foundation, tmp_path, capsys):
+    """What made tasks from M0 in full miss the spleen at the CPU scale: the channels a segmentation head reads sit
+    in LeakyReLU's negative slope. medseqft run warns (and goes on) when at least half of them do."""
+    import torch
+
+    from nnunetv2_medseqft.cli.run import warn_inactive_head_inputs
+    from nnunetv2_medseqft.method.foundation import inactive_head_inputs, load_foundation, start_from_foundation
+
+    ckpt = torch.load(tiny_foundation, map_location="cpu", weights_only=False)
+    last = max(int(k.split(".")[2]) for k in ckpt["network_weights"] if k.startswith("decoder.stages."))
+    norm = [k for k in ckpt["network_weights"] if k.startswith(f"decoder.stages.{last}.") and k.endswith("norm.bias")][-1]
+    bias = ckpt["network_weights"][norm]
+    channels = bias.numel()
+    bias[: channels // 2 + 1] = -5.0 * ckpt["network_weights"][norm[:-len("bias")] + "weight"][: channels // 2 + 1].abs()
+    bias[channels // 2 + 1:] = 0.0
+    dead = tmp_path / "dead.pth"
+    torch.save(ckpt, dead)
+    assert inactive_head_inputs(load_foundation(str(dead))) == (channels // 2 + 1, channels)
+    warn_inactive_head_inputs(str(dead))
+    assert "--m0-transfer encoder" in capsys.readouterr().err
+    fresh = start_from_foundation(load_foundation(str(tiny_foundation)), "random", 0, str(tmp_path / "random.pth"))
+    assert inactive_head_inputs(load_foundation(fresh)) == (0, channels), "nnU-Net's init: gamma 1, beta 0"
+    warn_inactive_head_inputs(fresh)
+    assert capsys.readouterr().err == ""

@@ -8,6 +8,7 @@ from nnunetv2_medseqft.method.ssl import (
     block_mask,
     mask_input,
     masked_mse_per_sample,
+    patch_at,
     random_patch,
 )
 
@@ -39,3 +40,19 @@ def test_random_patch_pads_small_cases():
     p = random_patch(data, (16, 32, 32), np.random.default_rng(0))
     assert p.shape == (1, 16, 32, 32)
     assert p[0, 0].sum() == 0 and p[0, 3:13].min() == 1  # 6 voxels padded, centred: 3 before, 3 after
+
+
+def test_patch_at_places_patches_by_relative_position():
+    """MDS's common draws: one relative position is the same place in cases of different sizes; its corners are
+    the first and the last valid start; a small case is padded as random_patch pads it."""
+    small = np.arange(40 * 40 * 40, dtype=np.float32).reshape(1, 40, 40, 40)
+    large = np.arange(72 * 72 * 72, dtype=np.float32).reshape(1, 72, 72, 72)
+    for data in (small, large):
+        s = data.shape[1]
+        assert np.array_equal(patch_at(data, (32, 32, 32), (0.0, 0.0, 0.0)), data[:, :32, :32, :32])
+        assert np.array_equal(patch_at(data, (32, 32, 32), (0.999, 0.999, 0.999)), data[:, s - 32:, s - 32:, s - 32:])
+        half = (s - 32 + 1) // 2
+        assert np.array_equal(patch_at(data, (32, 32, 32), (0.5, 0.5, 0.5)), data[:, half:half + 32, half:half + 32,
+                                                                              half:half + 32])
+    padded = patch_at(np.ones((1, 10, 50, 50), dtype=np.float32), (16, 32, 32), (0.3, 0.3, 0.3))
+    assert padded.shape == (1, 16, 32, 32) and padded[0, 0].sum() == 0 and padded[0, 3:13].min() == 1

@@ -15,8 +15,32 @@ def _evaluate_cmd(args) -> int:
 
 
 def run(args) -> int:
-    run_sequence(request_from_args(args))
+    request = request_from_args(args)
+    if request.m0_transfer == "full":
+        warn_inactive_head_inputs(request.foundation)
+    run_sequence(request)
     return 0
+
+
+def warn_inactive_head_inputs(foundation_path: str) -> None:
+    """A warning, not an error: the foundation is usable, but tasks started from it in full may not learn."""
+    import os
+    import sys
+
+    from nnunetv2_medseqft.errors import MedSeqFTError
+    from nnunetv2_medseqft.method.foundation import inactive_head_inputs, load_foundation
+
+    if not os.path.isfile(foundation_path):
+        return  # the run's own checks name the problem
+    try:
+        found = inactive_head_inputs(load_foundation(foundation_path))
+    except MedSeqFTError:
+        return
+    if found and found[0] * 2 >= found[1]:
+        print(f"Warning: {found[0]} of the {found[1]} channels of the foundation's last decoder stage (what a "
+              "segmentation head reads) are inactive (LeakyReLU's negative slope on > 95% of voxels): tasks started "
+              "from M0 in full may not learn small structures. Consider --m0-transfer encoder (README: Scales).",
+              file=sys.stderr, flush=True)
 
 
 def configure_parser(parser, name: str) -> None:

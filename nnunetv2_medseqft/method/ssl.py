@@ -47,7 +47,12 @@ def block_mask(shape, settings: SSLSettings, generator: torch.Generator | None =
 
     Drawn on a coarse grid and expanded, so every block is hidden or visible as a whole.
     """
-    b, spatial = shape[0], tuple(shape[2:])
+    spatial = tuple(shape[2:])
+    return expand_blocks(coarse_block_mask(shape[0], spatial, settings, generator), spatial, settings, device)
+
+
+def coarse_block_mask(b: int, spatial, settings: SSLSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``b`` masks on the block grid (B, 1, *grid): small enough to keep many, expanded by ``expand_blocks``."""
     grid = [int(np.ceil(s / settings.block_size)) for s in spatial]
     n_blocks = int(np.prod(grid))
     n_hidden = min(max(1, int(round(settings.mask_ratio * n_blocks))), n_blocks - 1) if n_blocks > 1 else 1
@@ -55,7 +60,11 @@ def block_mask(shape, settings: SSLSettings, generator: torch.Generator | None =
     order = scores.argsort(dim=1)
     coarse = torch.zeros((b, n_blocks), dtype=torch.float32, device=order.device)
     coarse.scatter_(1, order[:, :n_hidden], 1.0)
-    coarse = coarse.view(b, 1, *grid)
+    return coarse.view(b, 1, *grid)
+
+
+def expand_blocks(coarse: torch.Tensor, spatial, settings: SSLSettings, device: torch.device | str = "cpu"
+                  ) -> torch.Tensor:
     for dim in range(len(spatial)):
         coarse = coarse.repeat_interleave(settings.block_size, dim=2 + dim)
     crop = (slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)
@@ -75,10 +84,14 @@ def masked_mse_per_sample(prediction: torch.Tensor, target: torch.Tensor, mask: 
 
 
 def ssl_losses(network: torch.nn.Module, data: torch.Tensor, settings: SSLSettings,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               generator: torch.Generator | None = None, mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample masked reconstruction loss of ``network`` on ``data``, and the loss of predicting 0
-    (the yardstick for a reconstruction score). Autocast on CUDA, as nnU-Net trains."""
-    mask = block_mask(data.shape, settings, generator=generator, device=data.device)
+    (the yardstick for a reconstruction score). ``mask``: given masks (B, 1, *spatial), else drawn with
+    ``generator``. Autocast on CUDA, as nnU-Net trains."""
+    if mask is None:
+        mask = block_mask(data.shape, settings, generator=generator, device=data.device)
+    mask = mask.to(data.device)
     amp = torch.autocast(data.device.type, enabled=True) if data.device.type == "cuda" else nullcontext()
     with amp:
         prediction = network(mask_input(data, mask))
@@ -87,13 +100,28 @@ def ssl_losses(network: torch.nn.Module, data: torch.Tensor, settings: SSLSettin
 
 def random_patch(data: np.ndarray, patch_size, rng: np.random.Generator) -> np.ndarray:
     """A uniformly placed patch of a (C, *spatial) case; zero-padded (centred) where the case is smaller."""
+    data, patch_size = _padded(data, patch_size)
+    starts = [int(rng.integers(0, s - p + 1)) for s, p in zip(data.shape[1:], patch_size)]
+    return _window(data, starts, patch_size)
+
+
+def patch_at(data: np.ndarray, patch_size, position) -> np.ndarray:
+    """The patch at relative ``position`` (one number in [0, 1) per axis, uniform over the valid starts): the
+    same position means the same place in every case, whatever its size (MDS's common draws)."""
+    data, patch_size = _padded(data, patch_size)
+    starts = [min(int(u * (s - p + 1)), s - p) for u, s, p in zip(position, data.shape[1:], patch_size)]
+    return _window(data, starts, patch_size)
+
+
+def _padded(data: np.ndarray, patch_size) -> tuple[np.ndarray, tuple[int, ...]]:
     patch_size = tuple(int(p) for p in patch_size)
-    spatial = data.shape[1:]
-    pad = [max(0, p - s) for p, s in zip(patch_size, spatial)]
+    pad = [max(0, p - s) for p, s in zip(patch_size, data.shape[1:])]
     if any(pad):
         data = np.pad(np.asarray(data), [(0, 0)] + [(q // 2, q - q // 2) for q in pad])
-        spatial = data.shape[1:]
-    starts = [int(rng.integers(0, s - p + 1)) for s, p in zip(spatial, patch_size)]
+    return data, patch_size
+
+
+def _window(data: np.ndarray, starts, patch_size) -> np.ndarray:
     window = (slice(None),) + tuple(slice(st, st + p) for st, p in zip(starts, patch_size))
     return np.asarray(data[window], dtype=np.float32)
 
