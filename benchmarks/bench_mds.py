@@ -12,6 +12,8 @@ The LAST line printed is a JSON object with exactly these keys:
                          draws/s of the same network, patch and batch size, timed in alternating blocks
   site_precision         fraction of the adaptive buffer from pool sites
   random_site_precision  expectation for a random buffer: fraction of the fold's training cases from pool sites
+  paired_variance_ratio  median over neighbouring cases (by mean loss) of var(loss_a - loss_b) on common draws /
+                         (var(loss_a) + var(loss_b)) on independent draws (--pair-draws each): what common draws buy
 
 CPU scale (default): ``python benchmarks/bench_mds.py``; unit-test scale: ``--scale tiny --fixed-repeats 50``.
 """
@@ -150,6 +152,38 @@ def throughput(task: str, fold, plans_name: str, settings, device: str, rounds: 
     return draws / t_score, draws / t_raw
 
 
+def paired_variance_ratio(task: str, fold, plans_name: str, settings, device: str, draws: int) -> float:
+    """The noise of a difference of two cases' losses on common draws (MDS's) against independent draws (each
+    case its own stream, as if every case had its own seed), for neighbours in the ranking, where MDS decides."""
+    import numpy as np
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2_medseqft.method.buffer import prepare
+    from nnunetv2_medseqft.method.mds import CommonDraws, SSLScorer
+    from nnunetv2_medseqft.method.ssl import expand_blocks, patch_at
+
+    inputs = prepare(task, fold, plans_name, settings=settings, log=lambda *_: None)
+    scorer = SSLScorer(inputs.foundation, device)
+    patch = tuple(inputs.key["patch_size"])
+    dataset = infer_dataset_class(inputs.data_folder)(inputs.data_folder, identifiers=list(inputs.cases))
+
+    def losses(key: str, stream: CommonDraws) -> np.ndarray:
+        data = np.asarray(dataset.load_case(key)[0][:])
+        out = []
+        for start in range(0, draws, settings.draws_per_batch):
+            positions, coarse = stream.get(start, min(draws, start + settings.draws_per_batch))
+            patches = np.stack([patch_at(data, patch, u) for u in positions])
+            out.extend(scorer.losses(patches, expand_blocks(coarse, patch, scorer.ssl_settings, scorer.device)))
+        return np.asarray(out, dtype=np.float64)
+
+    common = CommonDraws(settings.seed, patch, scorer.ssl_settings)
+    paired = {k: losses(k, common) for k in inputs.cases}
+    own = {k: losses(k, CommonDraws(10_000 + i, patch, scorer.ssl_settings)) for i, k in enumerate(inputs.cases)}
+    ranked = sorted(inputs.cases, key=lambda k: paired[k].mean())
+    ratios = [np.var(paired[a] - paired[b], ddof=1) / (np.var(own[a], ddof=1) + np.var(own[b], ddof=1))
+              for a, b in zip(ranked[:-1], ranked[1:])]
+    return float(np.median(ratios))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None, help="folder for data and models (default: a temporary folder)")
@@ -160,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--fixed-repeats", type=int, default=1000, help="R of the fixed reference (default: 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--pair-draws", type=int, default=48,
+                   help="draws per case for paired_variance_ratio (default: 48)")
     p.add_argument("--throughput-rounds", type=int, default=5,
                    help="alternating scoring/raw-forward blocks timed for throughput_ratio (default: 5)")
     args = p.parse_args(argv)
@@ -179,6 +215,7 @@ def main(argv=None) -> int:
     fixed = select_buffer(task, args.fold, args.plans_name, settings=MDSSettings(seed=args.seed,
                           repeats=args.fixed_repeats), device=args.device)
     scoring_rate, raw_rate = throughput(task, args.fold, args.plans_name, base, args.device, args.throughput_rounds)
+    variance_ratio = paired_variance_ratio(task, args.fold, args.plans_name, base, args.device, args.pair_draws)
 
     sites_json = json.loads((workdir / "nnUNet_raw" / task / "sites.json").read_text())
     pool_sites, sites = set(sites_json["pool_sites"]), case_sites(task)
@@ -189,6 +226,7 @@ def main(argv=None) -> int:
         "throughput_ratio": scoring_rate / raw_rate,
         "site_precision": sum(sites[c] in pool_sites for c in adaptive["buffer"]) / len(adaptive["buffer"]),
         "random_site_precision": sum(sites[c] in pool_sites for c in fixed["cases"]) / len(fixed["cases"]),
+        "paired_variance_ratio": variance_ratio,
     }
     details = {"workdir": str(workdir), "task": task, "fold": args.fold, "k": adaptive["k"],
                "fixed_repeats": args.fixed_repeats, "adaptive_draws": adaptive["draws"], "fixed_draws": fixed["draws"],
