@@ -20,7 +20,7 @@ import torch
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.buffer import buffer_file_path, load_buffer, prepare, select_buffer
-from nnunetv2_medseqft.method.mds import CaseScores, CommonDraws, _unsettled, score, summary_table
+from nnunetv2_medseqft.method.mds import CaseScores, CommonDraws, _behind, _open_pairs, _unsettled, score, summary_table
 from nnunetv2_medseqft.method.settings import MDSSettings
 
 CHEAP = MDSSettings(k=2, repeats=2, draws_per_batch=2)  # one forward of 2 patches per case
@@ -318,5 +318,18 @@ def test_pairs_settle_on_paired_differences():
     assert {c.key for c in _unsettled([better, tie, worse], k=1, z=4.0, tolerance=0.0)[0]} == {"better", "tie"}
     # every case in the buffer: nothing to separate
     assert _unsettled([good, better], k=2, z=4.0) == ([], None)
+
+
+def test_a_pair_whose_common_draws_contradict_the_ranking_stays_open():
+    """A case that stopped early is compared on the draws both have: if there it is clearly better than the case
+    now ranked above it, the pair is not a near-tie, however precise; and only the case behind gets more draws."""
+    rng = np.random.default_rng(1)
+    swing = rng.normal(0, 1.0, 200)
+    early = _case("early", 5.0 + swing[:16] + rng.normal(0, 0.01, 16))  # stopped at 16 draws
+    late = _case("late", np.concatenate([5.5 + swing[:16], 3.0 + swing[16:]]) + rng.normal(0, 0.01, 200))
+    assert late.stats()[0] < early.stats()[0]  # late is in the buffer now
+    pairs, _ = _open_pairs([late, early], k=1, z=4.0, tolerance=0.02)
+    assert pairs == [(late, early)], "its 16 common draws say early is better: open, not a near-tie"
+    assert _behind(pairs) == {id(early)}, "the late case's draws beyond 16 would not inform the pair"
 
 

@@ -167,7 +167,7 @@ def select_buffer(dataset_name_or_id, fold, plans_name: str = "MedSeqFTPlans", c
             log(f"MDS: reusing buffer {path} (same foundation, settings and training cases): {stored['buffer']}")
             return stored
         reason = "--force" if force and not diff else \
-            "unreadable" if stored is None else f"made with other inputs ({', '.join(diff)})"
+            "unreadable or of an older format" if stored is None else f"made with other inputs ({', '.join(diff)})"
         if before_overwrite is not None:
             before_overwrite(path)
         log(f"MDS: recomputing buffer {path}: stored file is {reason}.")

@@ -24,8 +24,11 @@ per forward). Every case first gets ``min_repeats`` draws; then, after each roun
   * z = Phi^-1(1 - alpha / (2 P)), alpha = 1 - confidence, P = K (n - K) pairs (Bonferroni over pairs);
   * the pair is *settled* when mean(d) + z se < 0 (i is better), or z se <= tolerance * |b|, the
     indifference zone (``MDSSettings.tolerance``, 2%): a near-tie known to within it.
-Only cases in an open pair get another batch; scoring stops when every pair is settled or its cases
-have ``max_repeats`` draws. Pairs are re-formed every round, because the buffer can change.
+  * a near-tie is settled only if, besides, mean(d) + z se <= the zone (common draws of a case that
+    stopped early can contradict the current ranking; such a pair stays open).
+In each open pair the case with fewer draws (both when equal) gets another batch: draws beyond the
+pair's common draws do not inform it. Scoring stops when every pair is settled or its cases have
+``max_repeats`` draws. Pairs are re-formed every round, because the buffer can change.
 
 Guarantee (approximate). If every pair's interval covers its true mean difference (probability >=
 confidence by the union bound over the P pairs, with the CLT's normal approximation for each mean
@@ -203,8 +206,8 @@ def score(inputs: MDSInputs, device: str | torch.device = "cpu", progress: bool 
             bar.set_postfix_str(f"cases {i + 1}/{n}")
             status(sum(c.n for c in cases), n * cap, f"first draws of {i + 1}/{n} cases")
         while adaptive:
-            open_cases, _ = _unsettled(cases, k, z, s.tolerance)
-            open_cases = [c for c in open_cases if c.n < cap]
+            behind = _behind(_open_pairs(cases, k, z, s.tolerance)[0])
+            open_cases = [c for c in cases if id(c) in behind and c.n < cap]
             bar.total = bar.n + sum(cap - c.n for c in open_cases)  # upper bound: ETA shrinks as cases settle
             bar.set_postfix_str(f"settled {n - len(open_cases)}/{n}")
             if not open_cases:
@@ -242,11 +245,13 @@ def score(inputs: MDSInputs, device: str | torch.device = "cpu", progress: bool 
     }))
 
 
-def _unsettled(cases: list[CaseScores], k: int, z: float, tolerance: float = 0.0
-               ) -> tuple[list[CaseScores], float | None]:
-    """Cases in an open pair, and the boundary b. For every pair (i in the current top K, o outside it), on their
-    common draws: d = loss_i - loss_o, open unless mean(d) + z se(d) < 0 (i is better, at the pair's confidence)
-    or z se(d) <= tolerance * |b| (a near-tie, known to within the indifference zone). All settled when k = n."""
+def _open_pairs(cases: list[CaseScores], k: int, z: float, tolerance: float = 0.0
+                ) -> tuple[list[tuple[CaseScores, CaseScores]], float | None]:
+    """The unsettled pairs and the boundary b. For every pair (i in the current top K, o outside it), on their
+    common draws 1..min(n_i, n_o): d = loss_i - loss_o, settled when mean(d) + z se(d) < 0 (i is better, at the
+    pair's confidence), or when z se(d) <= tolerance * |b| and mean(d) + z se(d) <= tolerance * |b| (a near-tie
+    known to within the indifference zone; the second condition matters where the pair's common draws are fewer
+    than i's own and contradict the ranking). No pairs when k = n."""
     stats = [c.stats() for c in cases]
     means = np.array([m for m, _ in stats])
     b = _boundary(means, k)
@@ -254,15 +259,30 @@ def _unsettled(cases: list[CaseScores], k: int, z: float, tolerance: float = 0.0
         return [], None
     order = sorted(range(len(cases)), key=lambda i: (means[i], cases[i].key))
     zone = tolerance * abs(b)
-    open_idx: set[int] = set()
+    pairs = []
     for i in order[:k]:
         for o in order[k:]:
             m = min(cases[i].n, cases[o].n)
             d = np.asarray(cases[i].losses[:m], dtype=np.float64) - np.asarray(cases[o].losses[:m], dtype=np.float64)
             se = float(d.std(ddof=1) / np.sqrt(m)) if m > 1 else float("inf")
-            if not (d.mean() + z * se < 0 or z * se <= zone):
-                open_idx.update((i, o))
-    return [cases[i] for i in sorted(open_idx)], b
+            upper = float(d.mean()) + z * se
+            if not (upper < 0 or (z * se <= zone and upper <= zone)):
+                pairs.append((cases[i], cases[o]))
+    return pairs, b
+
+
+def _unsettled(cases: list[CaseScores], k: int, z: float, tolerance: float = 0.0
+               ) -> tuple[list[CaseScores], float | None]:
+    """Cases in an unsettled pair (``_open_pairs``), in their given order, and the boundary b."""
+    pairs, b = _open_pairs(cases, k, z, tolerance)
+    members = {id(c) for pair in pairs for c in pair}
+    return [c for c in cases if id(c) in members], b
+
+
+def _behind(pairs: list[tuple[CaseScores, CaseScores]]) -> set[int]:
+    """ids of the cases an open pair waits for: the one with fewer draws (both when equal); more draws of the other
+    would lie beyond the pair's common draws."""
+    return {id(c) for i, o in pairs for c in (i, o) if c.n == min(i.n, o.n)}
 
 
 # ---------------------------------------------------------------- reporting

@@ -59,10 +59,10 @@ def _check_type(owner: str, name: str, value, annotation: str) -> None:
 class MDSSettings(JsonSettings):
     """k: buffer size (absolute); when None, k = max(min_k, round(k_frac * training cases)).
     repeats: fixed number of SSL-loss draws per case (1000 = the paper's protocol); None = adaptive:
-        draw in batches of ``draws_per_batch`` (at least ``min_repeats``) until the top-k set is settled
-        at ``confidence``, or ``max_repeats`` draws. ``tolerance`` is the indifference zone: a case whose
-        mean is known to within tolerance * boundary counts as settled even where it straddles the boundary
-        (near-ties are interchangeable; without it they would run to max_repeats).
+        draw in batches of ``draws_per_batch`` (at least ``min_repeats``) until every (buffer, non-buffer)
+        pair is settled at ``confidence`` on its common draws, or ``max_repeats`` draws. ``tolerance`` is the
+        indifference zone: a pair whose difference is known to within tolerance * boundary counts as settled
+        (near-ties are interchangeable; without it they would run to max_repeats). The rule: ``mds.py``.
     seed: makes patches and masks, hence scores and buffer, reproducible."""
 
     label = "MDS setting"  # for messages (--mds KEY=VALUE); a class attribute, not a field
