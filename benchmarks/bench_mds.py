@@ -157,23 +157,19 @@ def paired_variance_ratio(task: str, fold, plans_name: str, settings, device: st
     case its own stream, as if every case had its own seed), for neighbours in the ranking, where MDS decides."""
     import numpy as np
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from tqdm import tqdm
     from nnunetv2_medseqft.method.buffer import prepare
-    from nnunetv2_medseqft.method.mds import CommonDraws, SSLScorer
-    from nnunetv2_medseqft.method.ssl import expand_blocks, patch_at
+    from nnunetv2_medseqft.method.mds import CaseScores, CommonDraws, SSLScorer, _Engine
 
     inputs = prepare(task, fold, plans_name, settings=settings, log=lambda *_: None)
     scorer = SSLScorer(inputs.foundation, device)
     patch = tuple(inputs.key["patch_size"])
     dataset = infer_dataset_class(inputs.data_folder)(inputs.data_folder, identifiers=list(inputs.cases))
 
-    def losses(key: str, stream: CommonDraws) -> np.ndarray:
-        data = np.asarray(dataset.load_case(key)[0][:])
-        out = []
-        for start in range(0, draws, settings.draws_per_batch):
-            positions, coarse = stream.get(start, min(draws, start + settings.draws_per_batch))
-            patches = np.stack([patch_at(data, patch, u) for u in positions])
-            out.extend(scorer.losses(patches, expand_blocks(coarse, patch, scorer.ssl_settings, scorer.device)))
-        return np.asarray(out, dtype=np.float64)
+    def losses(key: str, stream: CommonDraws) -> np.ndarray:  # MDS's own drawing, from the given stream
+        case = CaseScores(key)
+        _Engine(scorer, dataset, patch, settings.draws_per_batch, stream, tqdm(disable=True)).draw(case, draws)
+        return np.asarray(case.losses, dtype=np.float64)
 
     common = CommonDraws(settings.seed, patch, scorer.ssl_settings)
     paired = {k: losses(k, common) for k in inputs.cases}

@@ -10,8 +10,8 @@ Common draws. Draw j is the same for every case: the same block mask and the sam
 (``CommonDraws``). Each case's mean is still an unbiased estimate of its expected loss (positions stay
 uniform over the valid starts), but the losses of two cases on one draw move together (where the patch
 lies and what is hidden matter more than which case it is), so their difference is far less noisy than
-either loss: on the CPU-scale liver task the variance of the paired difference of neighbouring cases is
-0.29x (median) that of independent draws. The selection only needs those differences.
+either loss: at the CPU scale the variance of the paired difference of neighbouring cases is 0.28x (liver)
+and 0.25x (spleen) that of independent draws (``bench_mds.py``: ``paired_variance_ratio``). The selection only needs those differences.
 
 Fixed mode (``repeats=R``): R draws for every case (the paper: about 1000).
 
@@ -22,10 +22,10 @@ per forward). Every case first gets ``min_repeats`` draws; then, after each roun
   * for every pair (i in the buffer, o outside it), on their common draws 1..min(n_i, n_o):
     d = loss_i - loss_o, with mean and standard error se (sample std / sqrt(n));
   * z = Phi^-1(1 - alpha / (2 P)), alpha = 1 - confidence, P = K (n - K) pairs (Bonferroni over pairs);
-  * the pair is *settled* when mean(d) + z se < 0 (i is better), or z se <= tolerance * |b|, the
-    indifference zone (``MDSSettings.tolerance``, 2%): a near-tie known to within it.
-  * a near-tie is settled only if, besides, mean(d) + z se <= the zone (common draws of a case that
-    stopped early can contradict the current ranking; such a pair stays open).
+  * the pair is *settled* when mean(d) + z se < 0 (i is better), or when both z se and mean(d) + z se
+    are <= tolerance * |b|, the indifference zone (``MDSSettings.tolerance``, 2%): a near-tie known to
+    within it (the second condition keeps open a pair whose common draws, fewer than i's own because o
+    stopped early, contradict the current ranking).
 In each open pair the case with fewer draws (both when equal) gets another batch: draws beyond the
 pair's common draws do not inform it. Scoring stops when every pair is settled or its cases have
 ``max_repeats`` draws. Pairs are re-formed every round, because the buffer can change.
