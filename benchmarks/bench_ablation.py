@@ -2,7 +2,8 @@
 
 Each ARM is ``medseqft run --method medseqft`` with ``--rft`` settings: a named reading (``READINGS``) or
 ``NAME:key=value,key=value``. Next to the arms run sequential FFT (``seqfft``) and parallel FFT from M0, on the same
-tasks, budget, fold and seeds (the parallel run is bench_transfer.py's ``full`` arm: the same run, shared). Work
+tasks, budget, fold and seeds, every one started from M0 as the scale says (``--m0-transfer``; the parallel run is
+bench_scale.py's run of the same name, shared). Work
 lives in --workdir (a bench_scale.py workdir: its data and foundation are reused); every run resumes where it
 stopped. Choose settings on one fold (default 0), report on another (--fold 1) without changing them.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_mds import POOL_ID, build_foundation, set_env  # noqa: E402
-from bench_scale import run_parallel  # noqa: E402
+from bench_scale import run_label, run_parallel  # noqa: E402
 
 READINGS = {  # METHOD.md, "Readings still open"; the empty one is the method's current default
     "default": {},
@@ -54,10 +55,6 @@ def parse_arm(text: str) -> tuple[str, dict]:
         raise SystemExit(f"unknown arm {text!r}: one of {', '.join(READINGS)}, or NAME:key=value,key=value")
     RFTSettings.from_dict(rft)  # a bad value fails here, before anything trains
     return name, rft
-
-
-def run_name(kind: str, fold: str, epochs: int, seed: int) -> str:
-    return f"abl-{kind}" + (f"-f{fold}" if fold != "0" else "") + f"-e{epochs}-s{seed}"
 
 
 def run_method(m0: Path, name: str, method: str, rft: dict, tasks: list[str], args, scale, seed: int) -> None:
@@ -138,19 +135,20 @@ def main() -> None:
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
     iterations = scale.iterations
     reference: dict = {"parallel": {}, "seqfft": {}}
+    transfer_tag = "" if scale.m0_transfer == "full" else f"-{scale.m0_transfer}"
     for seed in args.seeds:
-        name = ("plateau" if seed == 0 else "pretrained") + (f"-f{args.fold}" if args.fold != "0" else "") + \
-            f"-e{args.epochs}-s{seed}"  # bench_transfer.py's `full` arm: the same run
-        run_parallel(m0, name, tasks, args.epochs, scale, seed, args.fold)
+        # parallel FFT from M0 as the scale starts every method (--m0-transfer): bench_scale.py's run of that name
+        name = run_label("plateau" if seed == 0 else "pretrained", args.fold, args.epochs, transfer_tag, seed)
+        run_parallel(m0, name, tasks, args.epochs, scale, seed, args.fold, transfer=scale.m0_transfer)
         reference["parallel"][seed] = run_numbers(name, iterations)
-        name = run_name("seqfft", args.fold, args.epochs, seed)
+        name = run_label("abl-seqfft", args.fold, args.epochs, "", seed)
         run_method(m0, name, "seqfft", {}, tasks, args, scale, seed)
         reference["seqfft"][seed] = run_numbers(name, iterations)
     rows = {}
     for arm, rft in arms.items():
         per_seed = {}
         for seed in args.seeds:
-            name = run_name(arm, args.fold, args.epochs, seed)
+            name = run_label(f"abl-{arm}", args.fold, args.epochs, "", seed)
             run_method(m0, name, "medseqft", rft, tasks, args, scale, seed)
             per_seed[seed] = run_numbers(name, iterations)
         rows[arm] = {"rft": rft, **summarise(per_seed, args.seeds, reference)}

@@ -48,6 +48,12 @@ def mirroring_choice(choice: str | None, scale) -> tuple[bool | None, str]:
     return mirroring, (f"-mirror{choice.upper()}" if mirroring not in (None, scale.mirroring) else "")
 
 
+def run_label(kind: str, fold: str, epochs: int, tag: str, seed: int) -> str:
+    """A benchmark run's name, shared by the scripts that run the same run: the fold where it is not 0 (so a
+    selection run and a report run never share a name), the budget, a tag for a non-default recipe, the seed."""
+    return kind + (f"-f{fold}" if fold != "0" else "") + f"-e{epochs}{tag}-s{seed}"
+
+
 def run_parallel(foundation: Path, name: str, tasks: list[str], epochs: int, scale, seed: int, fold: str,
                  warmup: int = 0, mirroring: bool | None = None, transfer: str = "full") -> dict:
     """One ``medseqft run --method parallel``; returns {dataset: Dice of M_t} and its training minutes.
@@ -154,7 +160,8 @@ def main() -> None:
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
     plateau = {}
     for e in args.budgets:
-        r = run_parallel(f, f"plateau-e{e}{wm}-s0", tasks, e, scale, 0, args.fold, args.warmup, mirroring, transfer)
+        r = run_parallel(f, run_label("plateau", args.fold, e, wm, 0), tasks, e, scale, 0, args.fold, args.warmup,
+                         mirroring, transfer)
         r["mean"] = statistics.mean(r["tasks"].values())
         plateau[str(e)] = r
     gain = {}
@@ -163,10 +170,10 @@ def main() -> None:
         if seed == 0 and str(gain_budget) in plateau:
             pre = plateau[str(gain_budget)]["tasks"]
         else:
-            pre = run_parallel(f, f"pretrained-e{gain_budget}{wm}-s{seed}", gain_tasks, gain_budget, scale, seed,
-                               args.fold, args.warmup, mirroring, transfer)["tasks"]
-        scratch = run_parallel(random_init_foundation(f, seed), f"scratch-e{gain_budget}{w}-s{seed}", gain_tasks,
-                               gain_budget, scale, seed, args.fold, args.warmup, mirroring)["tasks"]
+            pre = run_parallel(f, run_label("pretrained", args.fold, gain_budget, wm, seed), gain_tasks, gain_budget,
+                               scale, seed, args.fold, args.warmup, mirroring, transfer)["tasks"]
+        scratch = run_parallel(random_init_foundation(f, seed), run_label("scratch", args.fold, gain_budget, w, seed),
+                               gain_tasks, gain_budget, scale, seed, args.fold, args.warmup, mirroring)["tasks"]
         gain[str(seed)] = {d: {"from_m0": pre[d], "from_random": v} for d, v in scratch.items()}
     diffs = [v["from_m0"] - v["from_random"] for per in gain.values() for v in per.values()]
     figures = plot(curve, plateau, scale.iterations, Path(args.figures))

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_mds import BIN, POOL_ID, build_foundation, random_init_foundation, set_env, sh  # noqa: E402
-from bench_scale import foundation_curve, mirroring_choice, run_parallel  # noqa: E402
+from bench_scale import foundation_curve, mirroring_choice, run_label, run_parallel  # noqa: E402
 
 
 def ssl_plans(workdir: Path, scale, mask_ratio: float, block_size: int) -> str:
@@ -145,8 +145,8 @@ def main() -> None:
             name = {"random": "scratch", "full": "pretrained"}.get(arm, arm.replace(".", "p"))  # no '.' in run names
             name = "plateau" if (arm == "full" and seed == 0) else name
             mirroring, tag = mirroring_choice(args.mirroring, scale)
-            r = run_parallel(start, f"{name}-f{args.fold}-e{epochs}{tag}-s{seed}" if args.fold != "0" else
-                             f"{name}-e{epochs}{tag}-s{seed}", tasks, epochs, scale, seed, args.fold, mirroring=mirroring)
+            r = run_parallel(start, run_label(name, args.fold, epochs, tag, seed), tasks, epochs, scale, seed, args.fold,
+                             mirroring=mirroring)
             dice[arm][str(seed)] = r["tasks"]
             print(f"{arm} seed {seed}: " + ", ".join(f"{d} {v:.1f}" for d, v in r["tasks"].items()), flush=True)
     gain = {}

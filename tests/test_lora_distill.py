@@ -85,6 +85,22 @@ def test_feature_distance_zero_for_equal_models_positive_otherwise(network):
     assert feature_distance(taps_s.collect(), taps_t.collect()).item() > 1e-4
 
 
+def test_encoder_taps_fill_from_the_encoder_alone(network):
+    """g_layers=encoder: the teacher's taps cover its encoder stages, and running its encoder alone fills them."""
+    net, x = network
+    student, teacher = FeatureTaps(net), FeatureTaps(copy.deepcopy(net), "encoder")
+    assert teacher.names == [n for n in student.names if n.startswith("encoder.")]
+    assert len(teacher.names) == len(net.encoder.stages)
+    net(x)
+    teacher_net = copy.deepcopy(net)
+    taps = FeatureTaps(teacher_net, "encoder")
+    teacher_net.encoder(x)
+    feats = student.collect()
+    selected = [feats[student.names.index(n)] for n in taps.names]
+    assert feature_distance(selected, taps.collect()).item() < 1e-8
+    student.remove()
+
+
 def test_negative_lambdas_refused():
     with pytest.raises(MedSeqFTError, match="lambda_k and lambda_g must be >= 0"):
         RFTSettings(lambda_g=-1.0)

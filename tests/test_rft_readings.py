@@ -52,7 +52,8 @@ def previous_model(tiny_foundation, tmp_path_factory):
 
 
 def test_student_from_fft_foundation_teacher_and_full_fft_budget(planned_task, tiny_foundation, previous_model):
-    plans = _plans(planned_task, "MedSeqFTPlansReadA", student_init="fft", g_teacher="foundation", budget="fft_full")
+    plans = _plans(planned_task, "MedSeqFTPlansReadA", student_init="fft", g_teacher="foundation", budget="fft_full",
+                   g_layers="encoder")
     _, out = _train(planned_task, plans, previous_model)
     final, fft = _load(out / "checkpoint_final.pth"), _load(out / "checkpoint_fft.pth")
     section = final["medseqft"]
@@ -69,6 +70,8 @@ def test_student_from_fft_foundation_teacher_and_full_fft_budget(planned_task, t
     assert section["g_teacher"]["fingerprint"] == state_fingerprint(m0)
     assert section["previous_model"]["sha256"] == sha256_file(str(previous_model))
     assert section["rft"]["student_init"] == "fft" and section["rft"]["budget"] == "fft_full"
+    # g_layers=encoder: a generalization term was computed (on M0's encoder stages only: test_lora_distill)
+    assert section["rft"]["g_layers"] == "encoder" and all(g > 0 for g in final["logging"]["medseqft_g"])
     assert tuple(final["inference_allowed_mirroring_axes"]) == (0, 1, 2), "nnU-Net's mirroring by default"
 
 

@@ -16,7 +16,7 @@ from nnunetv2_medseqft.trainers.steps import backward_and_step
 from torch import autocast
 
 from nnunetv2_medseqft import adapters
-from nnunetv2_medseqft.checkpoints import head_of
+from nnunetv2_medseqft.checkpoints import head_of, unwrap
 from nnunetv2_medseqft.method.distill import FeatureTaps, feature_distance
 from nnunetv2_medseqft.method.settings import RFTSettings
 
@@ -43,9 +43,12 @@ class RFTStage:
         self.student = adapters.add_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_targets)
         if student_state is not None:
             self.student.load_state_dict(student_state, strict=False)
-        self.taps = {"student": FeatureTaps(self.student), "prev": FeatureTaps(self.teacher_prev)}
+        self.g_encoder_only = settings.g_layers == "encoder"
+        self.taps = {"student": FeatureTaps(self.student),
+                     "prev": FeatureTaps(self.teacher_prev, "encoder" if self.g_encoder_only else None)}
         if self.teacher_fft is not None:
             self.taps["fft"] = FeatureTaps(self.teacher_fft)
+        self._g_index = [self.taps["student"].names.index(n) for n in self.taps["prev"].names]
 
     @property
     def trainable_parameters(self) -> int:
@@ -71,12 +74,12 @@ class RFTStage:
             with torch.no_grad():
                 if use_k:
                     self.teacher_fft(data)
-                if use_g:
-                    self.teacher_prev(data[in_buffer])
+                if use_g:  # with g_layers=encoder only the teacher's encoder runs (its taps are all there)
+                    (unwrap(self.teacher_prev).encoder if self.g_encoder_only else self.teacher_prev)(data[in_buffer])
             if use_k:
                 l_k = feature_distance(student, self.taps["fft"].collect())
             if use_g:
-                l_g = feature_distance([f[in_buffer] for f in student], self.taps["prev"].collect())
+                l_g = feature_distance([student[i][in_buffer] for i in self._g_index], self.taps["prev"].collect())
             loss = seg + s.lambda_k * l_k + s.lambda_g * l_g
             l_k, l_g = l_k.detach(), l_g.detach()
         backward_and_step(trainer, loss)

@@ -25,12 +25,13 @@ def stage_modules(network: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 class FeatureTaps:
-    """Forward hooks recording stage outputs in a fixed layer order; ``collect()`` returns and clears them."""
+    """Forward hooks recording stage outputs in a fixed layer order; ``collect()`` returns and clears them.
+    ``part``: 'encoder' or 'decoder' taps only that half (None: both)."""
 
-    def __init__(self, network: torch.nn.Module):
-        self.names = sorted(stage_modules(network))
-        self._outputs: dict[str, torch.Tensor] = {}
+    def __init__(self, network: torch.nn.Module, part: str | None = None):
         modules = stage_modules(network)
+        self.names = sorted(n for n in modules if part is None or n.startswith(f"{part}."))
+        self._outputs: dict[str, torch.Tensor] = {}
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
 
     def _hook(self, name):

@@ -116,6 +116,9 @@ class RFTSettings(JsonSettings):
     The readings of the method that the paper leaves open (``METHOD.md``), each a setting:
     student_init: 'previous' (student = M_{t-1} + LoRA, head from F_t) or 'fft' (student = F_t + LoRA).
     g_teacher: 'previous' (M_{t-1} on the buffer samples) or 'foundation' (M0, recorded in the plans).
+    g_layers: the stages the generalization term compares: 'all' (encoder and decoder) or 'encoder' (the
+        teacher's decoder is not run: M0's decoder was trained to reconstruct, and a task started from M0's
+        encoder never had it).
     export: 'merged' (checkpoint_final.pth = M_t) or 'fft' (checkpoint_final.pth = F_t; M_t's adapter is kept).
     budget: 'split' (stage B takes its epochs out of the trainer's) or 'fft_full' (stage A trains the full
         budget, as the FFT baselines do, and stage B runs on top for the epochs it would have taken).
@@ -123,7 +126,7 @@ class RFTSettings(JsonSettings):
         poly schedule; stage_b_lr None = the trainer's initial_lr for SGD, 1e-3 for AdamW."""
 
     CHOICES = {"buffer": ("mds", "random"), "student_init": ("previous", "fft"),
-               "g_teacher": ("previous", "foundation"), "export": ("merged", "fft"), "budget": ("split", "fft_full"),
+               "g_teacher": ("previous", "foundation"), "g_layers": ("all", "encoder"), "export": ("merged", "fft"), "budget": ("split", "fft_full"),
                "stage_b_optimizer": ("sgd", "adamw")}  # a class attribute, not a field
 
     label = "K&G RFT setting"  # for messages (--rft KEY=VALUE); a class attribute, not a field
@@ -138,6 +141,7 @@ class RFTSettings(JsonSettings):
     buffer_share: float = 0.5
     student_init: str = "previous"
     g_teacher: str = "previous"
+    g_layers: str = "all"
     export: str = "merged"
     budget: str = "split"
     stage_b_optimizer: str = "sgd"
