@@ -13,7 +13,7 @@ The LAST line printed is a JSON object: {"fold", "epochs", "iterations_per_epoch
 "arms": {arm: {"rft", "mean_dice", "f_mean_dice", "bwt" (each {"mean", "sd", "per_seed"}), "minus_parallel",
 "minus_seqfft" (per seed), "iterations_per_task", "train_minutes"}}, "baselines": {method: the same fields}}.
 
-``python benchmarks/bench_ablation.py --workdir W --arms default student-fft-full --tasks 2 --seeds 0``
+``python benchmarks/bench_ablation.py --workdir W --arms default g-encoder --tasks 2 --seeds 0``
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_mds import POOL_ID, build_foundation, set_env  # noqa: E402
 from bench_scale import run_label, run_parallel  # noqa: E402
 
-READINGS = {  # METHOD.md, "Readings still open"; the empty one is the method's current default
+READINGS = {  # METHOD.md, "Readings still open": the default, and one reading changed at a time
     "default": {},
-    "student-fft": {"student_init": "fft"},
-    "fft-full": {"budget": "fft_full"},
-    "student-fft-full": {"student_init": "fft", "budget": "fft_full"},
-    "g-foundation": {"g_teacher": "foundation"},
+    "before-2026-12-03": {"student_init": "previous", "g_teacher": "previous", "budget": "split"},  # the old default
+    "student-previous": {"student_init": "previous"},
+    "split": {"budget": "split"},
+    "g-previous": {"g_teacher": "previous"},
+    "g-encoder": {"g_layers": "encoder"},
     "export-fft": {"export": "fft"},
     "adamw": {"stage_b_optimizer": "adamw"},
 }
@@ -119,7 +120,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
     p.add_argument("--scale", default="cpu", choices=list(SCALES))
-    p.add_argument("--arms", nargs="+", default=["default", "student-fft-full"])
+    p.add_argument("--arms", nargs="+", default=["default", "before-2026-12-03"])
     p.add_argument("--tasks", type=int, default=2)
     p.add_argument("--fold", default="0")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])

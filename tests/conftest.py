@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from nnunet_helpers import BIN, NnunetFolders, folder_hashes, manifest, run, run_cmd  # noqa: E402
+from nnunet_helpers import BIN, PACKABLE, NnunetFolders, folder_hashes, manifest, run, run_cmd  # noqa: E402
 
 POOL_ID = 500
 FIRST_TASK_ID = 501
@@ -82,7 +82,7 @@ def medseqft_run(nnunet, tiny_foundation):
     """A 2-task MedSeqFT run killed (SIGKILL, whole process group) after task 1, then resumed."""
     name = "t-medseqft"
     env = nnunet.env()
-    cmd = run_cmd(tiny_foundation, name, "medseqft")
+    cmd = run_cmd(tiny_foundation, name, "medseqft", *PACKABLE)
     proc = subprocess.Popen([str(BIN / cmd[0])] + cmd[1:], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     first = "Dataset501_MSFTLiver"

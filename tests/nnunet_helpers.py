@@ -61,6 +61,11 @@ TINY = ["--epochs", "4", "--iterations", "3", "--val-iterations", "1", "--rft", 
         "--mds", "repeats=8"]
 
 
+# the session's medseqft run trains each task model as an adapter on the last (student_init=previous), so that
+# chain packing stores it as one; the default student (F_t + LoRA) is trained by test_medseqft_trainer's runs
+PACKABLE = ("--rft", "student_init=previous")
+
+
 def run_cmd(foundation, name, method, *extra):
     return ["medseqft", "run", "--foundation", str(foundation), "--datasets", *TASKS, "--method", method,
             "--name", name, *TINY, *extra]

@@ -16,7 +16,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from nnunetv2_medseqft import adapters as lora
-from nnunetv2_medseqft.checkpoints import sha256_file
+from nnunetv2_medseqft.checkpoints import sha256_file, state_fingerprint
 
 TRAINER = "MedSeqFTTrainer_tiny"
 
@@ -57,19 +57,24 @@ def test_run_writes_ft_mt_adapter_and_provenance(trained, tiny_foundation, plann
     body = [k for k in fft["network_weights"] if ".seg_layers." not in k]
     assert any(not torch.equal(final["network_weights"][k], fft["network_weights"][k]) for k in body)
     log = final["logging"]
+    # the default readings: F_t + LoRA, M0 as the buffer teacher, stage B (2 epochs) on top of stage A's 4
+    assert section["student_start"] == state_fingerprint(fft["network_weights"])
+    assert section["g_teacher"]["model"] == "foundation" and len(log["train_losses"]) == 6
     assert len(log["medseqft_k"]) == 2 and all(v > 0 for v in log["medseqft_k"]), "K term logged per stage-B epoch"
     assert len(log["medseqft_seg"]) == 2
 
 
-def test_mt_rebuilds_from_previous_model_and_adapter(trained):
-    """M_(t-1) + peft adapter + trained norms/head == checkpoint_final (what chain packing relies on)."""
+def test_mt_rebuilds_from_its_base_and_adapter(trained):
+    """The student's base (the default student_init=fft: F_t) + peft adapter + trained norms/head ==
+    checkpoint_final (with student_init=previous the base is previous_model.pth: what chain packing relies on)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     final = _load(trained / "checkpoint_final.pth")
     pm = PlansManager(final["init_args"]["plans"])
     base = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 2, True)
-    base.load_state_dict(_load(trained / "previous_model.pth")["network_weights"])
+    assert final["medseqft"]["rft"]["student_init"] == "fft"
+    base.load_state_dict(_load(trained / "checkpoint_fft.pth")["network_weights"])
     student = PeftModel.from_pretrained(base, str(trained / "adapter"))
     lora.relink_conv_blocks(student)
     student.base_model.model.load_state_dict(load_file(str(trained / "adapter/norms_and_head.safetensors")),
@@ -77,6 +82,15 @@ def test_mt_rebuilds_from_previous_model_and_adapter(trained):
     rebuilt = lora.merge(student).state_dict()
     diff = max((rebuilt[k] - v).abs().max().item() for k, v in final["network_weights"].items())
     assert diff < 1e-5, diff
+
+
+def test_chain_pack_stores_a_model_on_its_own_ft_in_full(trained, tmp_path):
+    """student_init=fft: the adapter's base is F_t, not an earlier model of the chain, so no adapter storage."""
+    from nnunetv2_medseqft.reports import chain_pack
+
+    rebuilt, why = chain_pack._pack_adapter(str(tmp_path), "t", {}, str(trained), _load(trained / "checkpoint_final.pth"),
+                                            {}, {})
+    assert rebuilt is None and "student_init=fft" in why
 
 
 def test_stock_predict_on_merged_model(trained, planned_task, tmp_path):
@@ -123,7 +137,7 @@ def test_kill_inside_stage_b_and_resume(planned_task, tiny_foundation):
     fft_hash = _sha(out / "checkpoint_fft.pth")
     run(_train_cmd(tiny_foundation, 1, "--c"), planned_task.folders)
     final = _load(out / "checkpoint_final.pth")
-    assert final["medseqft"]["stage"] == "merged" and final["current_epoch"] == 4
+    assert final["medseqft"]["stage"] == "merged" and final["current_epoch"] == 6
     assert _sha(out / "checkpoint_fft.pth") == fft_hash, "F_t must never be rewritten by a resumed run"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -77,9 +77,10 @@ def test_resenc_task_step_merges_and_predicts_with_stock_nnunet(nnunet, resenc_f
     assert final["medseqft"]["stage"] == "merged" and not any("lora" in k for k in final["network_weights"])
     keys = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(".stem." in k for k in keys) and any(".skip." in k for k in keys)
-    # M_t rebuilt from M_(t-1) + the saved adapter files (peft's loading path) equals the merged checkpoint
+    # M_t rebuilt from the student's base (F_t, the default student_init=fft) + the saved adapter files (peft's
+    # loading path) equals the merged checkpoint
     base = _network(final["init_args"]["plans"], 2)
-    base.load_state_dict(_load(out / "previous_model.pth")["network_weights"])
+    base.load_state_dict(_load(out / "checkpoint_fft.pth")["network_weights"])
     base.load_state_dict({k: v for k, v in final["network_weights"].items() if ".seg_layers." in k}, strict=False)
     rebuilt = adapters.merged_from_files(base, json.loads((out / "adapter" / "adapter_config.json").read_text()),
                                          keys, load_file(str(out / "adapter" / "norms_and_head.safetensors")))

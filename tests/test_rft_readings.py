@@ -76,8 +76,9 @@ def test_student_from_fft_foundation_teacher_and_full_fft_budget(planned_task, t
 
 
 def test_export_fft_with_an_adamw_stage_b_and_no_mirroring(planned_task, tiny_foundation):
+    """With the readings that are not the defaults: student M_(t-1) + LoRA, M_(t-1) as the buffer teacher, split."""
     plans = _plans(planned_task, "MedSeqFTPlansReadB", export="fft", stage_b_optimizer="adamw", stage_b_lr=0.002,
-                   training={"mirroring": 0})
+                   student_init="previous", g_teacher="previous", budget="split", training={"mirroring": 0})
     _, out = _train(planned_task, plans, tiny_foundation)
     final, fft = _load(out / "checkpoint_final.pth"), _load(out / "checkpoint_fft.pth")
     # budget mirroring=0: no mirroring augmentation, and stock nnUNetv2_predict reads no test-time mirror axes
@@ -89,7 +90,8 @@ def test_export_fft_with_an_adamw_stage_b_and_no_mirroring(planned_task, tiny_fo
     lrs = final["logging"]["lrs"]
     assert lrs[2] == pytest.approx(0.002) and lrs[1] < 0.01, lrs  # stage B's own poly from stage_b_lr
     assert "betas" in final["optimizer_state"]["param_groups"][0], "AdamW trained stage B"
-    assert final["medseqft"]["g_teacher"]["model"] == "previous"
+    assert final["medseqft"]["g_teacher"]["model"] == "previous" and len(final["logging"]["train_losses"]) == 4
+    assert final["medseqft"]["student_start"] != state_fingerprint(fft["network_weights"])
 
 
 def test_foundation_teacher_refused_when_the_foundation_moved(planned_task, tmp_path):
@@ -102,8 +104,38 @@ def test_foundation_teacher_refused_when_the_foundation_moved(planned_task, tmp_
 
 
 def test_readings_refuse_unknown_values_naming_the_allowed_ones():
-    with pytest.raises(MedSeqFTError, match="student_init='foo' does not exist; choose one of: previous, fft"):
+    with pytest.raises(MedSeqFTError, match="student_init='foo' does not exist; choose one of: fft, previous"):
         RFTSettings.from_dict({"student_init": "foo"})
     with pytest.raises(MedSeqFTError, match="stage_b_lr must be > 0"):
         RFTSettings.from_dict({"stage_b_lr": 0})
     assert RFTSettings.from_dict(RFTSettings(export="fft").to_dict()) == RFTSettings(export="fft")
+
+
+def test_lora_only_baseline_pins_the_readings_it_can_train(planned_task, tiny_foundation):
+    """The defaults need F_t and a teacher; the LoRA-only baseline has neither and trains M_(t-1) + LoRA, split."""
+    out = planned_task.folders.results / planned_task.dataset_name / \
+        "MedSeqFTLoRATrainer_tiny__MedSeqFTPlans__3d_fullres" / "fold_0"
+    run(["nnUNetv2_train", str(FIRST_TASK_ID), "3d_fullres", "0", "-tr", "MedSeqFTLoRATrainer_tiny", "-p",
+         "MedSeqFTPlans", "-device", "cpu", "-pretrained_weights", str(tiny_foundation)], planned_task.folders)
+    final = _load(out / "checkpoint_final.pth")
+    rft = final["medseqft"]["rft"]
+    assert (rft["student_init"], rft["budget"], rft["g_teacher"]) == ("previous", "split", "previous")
+    assert len(final["logging"]["train_losses"]) == 4 and not (out / "checkpoint_fft.pth").exists()
+    assert final["medseqft"]["student_start"] == state_fingerprint(_load(out / "previous_model.pth")["network_weights"])
+    assert all(k == 0 for k in final["logging"]["medseqft_k"]), "no retention terms"
+
+
+def test_a_run_records_its_readings_so_a_default_change_never_mixes_them():
+    """Manifests store readings as differences from the earlier defaults: a run made before the defaults changed
+    matches (and resumes) under its own readings; a new run records today's defaults explicitly."""
+    new = RFTSettings.run_record({}, from_command=True)
+    assert new == {k: getattr(RFTSettings(), k) for k in RFTSettings.RECORDED_AGAINST
+                   if getattr(RFTSettings(), k) != RFTSettings.RECORDED_AGAINST[k]}
+    assert new["student_init"] == "fft" and new["budget"] == "fft_full"
+    assert RFTSettings.run_record(new, from_command=False) == new  # a manifest's record reads back unchanged
+    old = RFTSettings.run_record({}, from_command=False)  # a manifest from before: no readings recorded
+    assert old == {} and RFTSettings.for_trainer(old)["student_init"] == "previous"
+    # the command that resumes an old run names its readings; other settings pass through
+    assert RFTSettings.run_record({**RFTSettings.RECORDED_AGAINST, "lambda_g": 0.5}, from_command=True) == \
+        {"lambda_g": 0.5}
+    assert RFTSettings.from_dict(RFTSettings.for_trainer(new)) == RFTSettings()

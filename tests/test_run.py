@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from nnunet_helpers import BIN, folder_hashes, manifest, run, run_cmd
+from nnunet_helpers import BIN, PACKABLE, folder_hashes, manifest, run, run_cmd
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 
@@ -49,7 +49,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(nnunet, tiny_foundati
     (["--epochs", "0"], "--epochs must be an integer >= 1"),
     (["--iterations", "-1"], "--iterations must be an integer >= 1"),
     (["--warmup-epochs", "-1"], "--warmup-epochs must be an integer >= 0"),
-    (["--rft", "student_init=foo"], "student_init='foo' does not exist; choose one of: previous, fft"),
+    (["--rft", "student_init=foo"], "student_init='foo' does not exist; choose one of: fft, previous"),
     (["--rft", "export=best"], "export='best' does not exist; choose one of: merged, fft"),
     (["--method", "lora", "--rft", "export=fft"], "--method lora trains no F_t and no retention terms"),
     (["--no-mirroring", "--mirror"], "models trained with --no-mirroring never saw"),
@@ -150,7 +150,8 @@ def test_medseqft_run_results_are_in_range(nnunet, medseqft_run):
     assert summary["bwt"] == pytest.approx(r["dice"][2][0] - r["dice"][1][0])
     assert summary["fwt"] == pytest.approx(r["dice"][1][1] - r["dice"][0][1])
     curves = results["curves"]["Dataset502_MSFTSpleen"]
-    assert len(curves["train_losses"]) == 4 and curves["stage_b_start"] == 2
+    # rft budget=fft_full: stage A has the run's 4 epochs (as FFT alone), stage B its 2 on top
+    assert len(curves["train_losses"]) == 6 and curves["stage_b_start"] == 4
 
 
 def test_changed_settings_are_refused_for_an_existing_run(nnunet, tiny_foundation, medseqft_run):
@@ -210,7 +211,7 @@ def test_models_of_a_deleted_run_are_not_taken_for_another_settings_run(nnunet, 
     moved = nnunet.root / "moved-run"
     shutil.move(str(nnunet.results / "medseqft_runs" / name), moved)
     try:
-        proc = run(run_cmd(tiny_foundation, name, "medseqft", "--seed", "5"), nnunet, check=False)
+        proc = run(run_cmd(tiny_foundation, name, "medseqft", *PACKABLE, "--seed", "5"), nnunet, check=False)
         # the MDS seed follows the run's seed, so both settings differ
         assert proc.returncode == 2 and "trained with other settings (mds, seed differ)" in proc.stderr, proc.stderr
         assert "cannot get past this" in proc.stdout  # not a bare "Resume with": the same command fails again
@@ -432,7 +433,7 @@ def test_a_moved_run_resumes_an_interrupted_training_and_evaluates_into_another_
     path.write_text(json.dumps(raw))
     shutil.rmtree(checkpoint.parent)
     foundation = tiny_foundation.relative_to(nnunet.results)
-    cmd = run_cmd(first.results / foundation, name, "medseqft")
+    cmd = run_cmd(first.results / foundation, name, "medseqft", *PACKABLE)
     proc = subprocess.Popen([str(BIN / cmd[0])] + cmd[1:], env=first.env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 900
@@ -448,7 +449,7 @@ def test_a_moved_run_resumes_an_interrupted_training_and_evaluates_into_another_
 
     copy = NnunetFolders(tmp_path / "disk2")
     shutil.move(first.root, copy.root)  # the new disk; the old path no longer exists
-    resumed = run(run_cmd(copy.results / foundation, name, "medseqft"), copy)
+    resumed = run(run_cmd(copy.results / foundation, name, "medseqft", *PACKABLE), copy)
     moved = copy.results / checkpoint.relative_to(first.results)
     assert moved.is_file() and not (moved.parent / "checkpoint_latest.pth").exists()
     assert any(line.strip().startswith(f"task 2/2 {task}") and line.rstrip().endswith("--c")

@@ -1,13 +1,15 @@
 """MedSeqFT task-step trainers.
 
 ``nnUNetv2_train D 3d_fullres FOLD -tr MedSeqFTTrainer -p MedSeqFTPlans -pretrained_weights PREV``:
-  stage A (FFT): every parameter trained from M_{t-1} -> F_t, saved as ``checkpoint_fft.pth``;
-  stage B (K&G RFT): student = M_{t-1} frozen + peft LoRA on every stage conv, norms and head
-    trainable (head from F_t); loss = seg + lambda_k * d(student, F_t) on the batch
-    + lambda_g * d(student, M_{t-1}) on the MDS-buffer samples of the batch;
+  stage A (FFT): every parameter trained from M_{t-1} -> F_t for the trainer's epochs, saved as
+    ``checkpoint_fft.pth``;
+  stage B (K&G RFT), stage_b_fraction of the epochs on top: student = F_t frozen + peft LoRA on every stage
+    conv, norms and head trainable; loss = seg + lambda_k * d(student, F_t) on the batch
+    + lambda_g * d(student, M0) on the MDS-buffer samples of the batch;
   merge: ``checkpoint_final.pth`` holds M_t as a plain nnU-Net network; ``adapter/`` the peft adapter.
-The readings the paper leaves open (student start, teacher on the buffer, exported model, stage-B budget and
-optimiser) are the plans' ``medseqft.rft`` settings (``RFTSettings``); the defaults are described above.
+The readings the paper leaves open (student start, teacher on the buffer and its layers, exported model,
+stage-B budget and optimiser) are the plans' ``medseqft.rft`` settings (``RFTSettings``); above are the defaults,
+chosen on fold 0 (README, "Method choices").
 Every checkpoint is a plain network (LoRA merged on the fly), so stock nnUNetv2_predict works with
 any of them; stage-B checkpoints also carry the trainable student state for ``--c``.
 """
@@ -134,11 +136,10 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         if "rft" not in self.stages:
             return
         has_fft = "fft" in self.stages or bool(self.plans_manager.plans.get("medseqft", {}).get("fft_model"))
-        for key, value in (("student_init", "fft"), ("export", "fft")):
+        for key, value, other in (("student_init", "fft", "previous"), ("export", "fft", "merged")):
             if getattr(r, key) == value and not has_fft:
                 raise MedSeqFTError(f"{name}: rft {key}={value} needs F_t, and this trainer has none (no stage A and "
-                                    f"no medseqft.fft_model in the plans). Use MedSeqFTTrainer, or {key}="
-                                    f"{RFTSettings.CHOICES[key][0]}.")
+                                    f"no medseqft.fft_model in the plans). Use MedSeqFTTrainer, or {key}={other}.")
         if r.budget == "fft_full" and "fft" not in self.stages:
             raise MedSeqFTError(f"{name}: rft budget=fft_full gives stage A the full budget, and this trainer has no "
                                 f"stage A. Use MedSeqFTTrainer, or budget=split.")
@@ -410,11 +411,13 @@ class MedSeqFTLoRATrainer(MedSeqFTTrainer):
     """LoRA only on M_{t-1}, no FFT stage and no distillation (the LoRA-only sequential baseline)."""
     stages = ("rft",)
     distill = False
+    rft_overrides = {"student_init": "previous", "budget": "split", "g_teacher": "previous"}  # no F_t, no teacher
 
 
 class MedSeqFTRFTTrainer(MedSeqFTTrainer):
     """Stage B only, with a given F_t (plans' ``medseqft.fft_model``) as the knowledge teacher."""
     stages = ("rft",)
+    rft_overrides = {"budget": "split"}  # no stage A to give the full budget to: every epoch is stage B
 
 
 class MedSeqFTTrainer_randomBuffer(MedSeqFTTrainer):

@@ -1,9 +1,9 @@
 """Stage B of a MedSeqFT task step, K&G RFT, as one object the trainer's nnU-Net hooks delegate to.
 
 Stage A (full fine-tuning from M_(t-1) -> F_t) is nnU-Net's own training and needs no object.
-``RFTStage`` holds what stage B adds to it: the frozen teachers (F_t for knowledge retention, M_(t-1)
-for generalization retention on the buffer samples), the LoRA student (M_(t-1) + peft LoRA, head from
-F_t; LoRA factors, norms and head train), the feature taps, and its verbs: ``train_step`` (the loss),
+``RFTStage`` holds what stage B adds to it: the frozen teachers (F_t for knowledge retention; M0 or M_(t-1)
+for generalization retention on the buffer samples), the LoRA student (F_t or M_(t-1) + peft LoRA; LoRA
+factors, norms and head train), the feature taps, and its verbs: ``train_step`` (the loss),
 ``checkpoint_state`` (what ``--c`` needs), ``merged_state`` (the plain network a checkpoint holds) and
 ``finish`` (save the adapter, merge: M_t).
 """

@@ -113,23 +113,31 @@ class RFTSettings(JsonSettings):
     lambda_g: weight of generalization retention (student vs M_{t-1} features on buffer samples).
     buffer: 'mds' (lowest SSL loss under the foundation) or 'random' (the MDS ablation).
     buffer_share: expected share of buffer samples in a stage-B batch (buffer cases are over-sampled).
-    The readings of the method that the paper leaves open (``METHOD.md``), each a setting:
-    student_init: 'previous' (student = M_{t-1} + LoRA, head from F_t) or 'fft' (student = F_t + LoRA).
-    g_teacher: 'previous' (M_{t-1} on the buffer samples) or 'foundation' (M0, recorded in the plans).
+    The readings of the method that the paper leaves open (``METHOD.md``), each a setting; the defaults are the
+    ones chosen on fold 0 (README, "Method choices"):
+    student_init: 'fft' (student = F_t + LoRA) or 'previous' (student = M_{t-1} + LoRA, head from F_t: each
+        task model is a low-rank update of the last, so a chain packs as adapters, but it re-learns the task
+        through that update).
+    g_teacher: 'foundation' (M0, recorded in the plans) or 'previous' (M_{t-1}) on the buffer samples.
     g_layers: the stages the generalization term compares: 'all' (encoder and decoder) or 'encoder' (the
         teacher's decoder is not run: M0's decoder was trained to reconstruct, and a task started from M0's
         encoder never had it).
     export: 'merged' (checkpoint_final.pth = M_t) or 'fft' (checkpoint_final.pth = F_t; M_t's adapter is kept).
-    budget: 'split' (stage B takes its epochs out of the trainer's) or 'fft_full' (stage A trains the full
-        budget, as the FFT baselines do, and stage B runs on top for the epochs it would have taken).
+    budget: 'fft_full' (stage A trains the full budget, as the FFT baselines do, and stage B runs on top for the
+        epochs it would have taken, stage_b_fraction of the trainer's epochs) or 'split' (stage B takes its
+        epochs out of the trainer's).
     stage_b_optimizer / stage_b_lr: SGD (nnU-Net's, momentum 0.99) or AdamW for the stage-B parameters, with a
         poly schedule; stage_b_lr None = the trainer's initial_lr for SGD, 1e-3 for AdamW."""
 
-    CHOICES = {"buffer": ("mds", "random"), "student_init": ("previous", "fft"),
-               "g_teacher": ("previous", "foundation"), "g_layers": ("all", "encoder"), "export": ("merged", "fft"), "budget": ("split", "fft_full"),
+    CHOICES = {"buffer": ("mds", "random"), "student_init": ("fft", "previous"),
+               "g_teacher": ("foundation", "previous"), "g_layers": ("all", "encoder"), "export": ("merged", "fft"), "budget": ("fft_full", "split"),
                "stage_b_optimizer": ("sgd", "adamw")}  # a class attribute, not a field
 
     label = "K&G RFT setting"  # for messages (--rft KEY=VALUE); a class attribute, not a field
+    # the readings' defaults before they were chosen on fold 0: a run manifest stores its readings as differences
+    # from these, so that runs made before still match, and resume, under the readings they were trained with
+    RECORDED_AGAINST = {"student_init": "previous", "g_teacher": "previous", "g_layers": "all", "export": "merged",
+                        "budget": "split"}
 
     stage_b_fraction: float = 0.3
     lora_rank: int = 8
@@ -139,13 +147,28 @@ class RFTSettings(JsonSettings):
     lambda_g: float = 1.0
     buffer: str = "mds"
     buffer_share: float = 0.5
-    student_init: str = "previous"
-    g_teacher: str = "previous"
+    student_init: str = "fft"
+    g_teacher: str = "foundation"
     g_layers: str = "all"
     export: str = "merged"
-    budget: str = "split"
+    budget: str = "fft_full"
     stage_b_optimizer: str = "sgd"
     stage_b_lr: float | None = None
+
+    @classmethod
+    def run_record(cls, rft: dict, from_command: bool) -> dict:
+        """What a run manifest stores: the explicit settings, plus every reading that differs from
+        ``RECORDED_AGAINST``. A command's missing readings are today's defaults; a manifest's are the old ones."""
+        readings = {k: getattr(cls(), k) for k in cls.RECORDED_AGAINST} if from_command else dict(cls.RECORDED_AGAINST)
+        readings.update({k: v for k, v in rft.items() if k in readings})
+        return {**{k: v for k, v in rft.items() if k not in readings},
+                **{k: v for k, v in readings.items() if v != cls.RECORDED_AGAINST[k]}}
+
+    @classmethod
+    def for_trainer(cls, recorded: dict) -> dict:
+        """A run's recorded settings with every reading explicit: what the trainer trains does not depend on
+        its defaults."""
+        return {**cls.RECORDED_AGAINST, **recorded}
 
     def stage_b_extra_epochs(self, epochs: int) -> int:
         """Epochs that stage B adds on top of a two-stage trainer's ``epochs`` (budget=fft_full; else none)."""

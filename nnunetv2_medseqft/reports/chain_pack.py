@@ -326,6 +326,8 @@ def _pack_adapter(tmp, task_dir, entry, model_folder, ckpt, bodies, fingerprints
     files = [os.path.join(adapter, f) for f in ("adapter_config.json", ADAPTER_FILE, EXTRAS_FILE)]
     if not all(os.path.isfile(f) for f in files):
         return None, "no adapter (a full fine-tuning method)"
+    if (ckpt.get("medseqft") or {}).get("rft", {}).get("student_init") == "fft":
+        return None, "its adapter is on its own F_t (rft student_init=fft), which is no body of the pack"
     previous = os.path.join(model_folder, "previous_model.pth")
     if not os.path.isfile(previous):
         return None, "no previous_model.pth to tell which model the adapter is on"

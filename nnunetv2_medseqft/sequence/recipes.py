@@ -25,6 +25,11 @@ class Method:
         """Trains a stage B (LoRA on M_(t-1), merged), hence needs a buffer and a LoRA rank the network can use."""
         return self.trainer != "MedSeqFTFFTTrainer"
 
+    @property
+    def two_stage(self) -> bool:
+        """Stage A then stage B (the MedSeqFT trainers): every reading of K&G RFT applies."""
+        return self.has_fft and self.lora
+
 
 METHODS = {m.name: m for m in (
     Method("medseqft", "MedSeqFTTrainer", True, True, True, False,

@@ -14,7 +14,7 @@ from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings, key_valu
 from nnunetv2_medseqft.paths import fold_training_count, parse_fold, raw_dataset, require_writable, resolved
 from nnunetv2_medseqft.plugin.variants import BUDGET_KEYS, MAX_BUDGET, MIN_BUDGET
 from nnunetv2_medseqft.sequence.layout import check_run_name
-from nnunetv2_medseqft.sequence.recipes import get_method
+from nnunetv2_medseqft.sequence.recipes import METHODS, get_method
 
 FROM_M0 = ".fromM0"  # run names cannot hold '.', so these plans names never collide with a run's
 
@@ -125,9 +125,9 @@ def validate(request: RunRequest, writes: bool = True):
                             "never saw. Drop one of them.")
     rft = RFTSettings.from_dict(request.rft)  # types, ranges and the names of the readings
     mds = MDSSettings.from_dict(request.mds)
-    if method.lora and not method.has_fft:  # LoRA only: no F_t, no retention terms
+    if method.lora and not method.has_fft:  # LoRA only: no F_t, no retention terms (its trainer pins these)
         moot = [f"{k}={v}" for k, v in (("student_init", "fft"), ("export", "fft"), ("budget", "fft_full"),
-                                         ("g_teacher", "foundation")) if getattr(rft, k) == v]
+                                         ("g_teacher", "foundation")) if request.rft.get(k) == v]
         if moot:
             raise MedSeqFTError(f"--method {method.name} trains no F_t and no retention terms, so --rft "
                                 f"{' '.join(moot)} cannot apply. Use --method medseqft, or drop them.")
@@ -143,6 +143,13 @@ def validate(request: RunRequest, writes: bool = True):
     return foundation
 
 
+def run_rft(method: str, explicit: dict) -> dict:
+    """A command's --rft as the run records it: for the MedSeqFT methods with today's default readings made
+    explicit where they differ from the earlier ones (``RFTSettings.run_record``); for the others as given."""
+    two_stage = method in METHODS and METHODS[method].two_stage  # an unknown method is refused by validate()
+    return RFTSettings.run_record(explicit, from_command=True) if two_stage else explicit
+
+
 def request_from_args(args) -> RunRequest:
     budget = {k: v for k, v in (("num_epochs", args.epochs), ("iterations", args.iterations),
                                 ("val_iterations", args.val_iterations), ("warmup_epochs", args.warmup_epochs),
@@ -150,7 +157,7 @@ def request_from_args(args) -> RunRequest:
               if v is not None}
     return RunRequest(name=args.name, method=args.method, foundation=args.foundation, datasets=args.datasets,
                       unseen=args.unseen or [], fold=args.fold, seed=args.seed, configuration=args.c,
-                      budget=budget, rft=dict(key_value(t) for t in args.rft or []),
+                      budget=budget, rft=run_rft(args.method, dict(key_value(t) for t in args.rft or [])),
                       mds=dict(key_value(t) for t in args.mds or []), mirror=args.mirror, device=args.device,
                       nnunet_validation=args.nnunet_validation, union_id=args.union_id, m0_transfer=args.m0_transfer,
                       command=" ".join(shlex.quote(a) for a in ["medseqft", "run"] + list(args.argv)))

@@ -78,10 +78,17 @@ class TaskSteps:
         section = plans["medseqft"]
         section["mds"] = {**section.get("mds", {}), **r.mds, "seed": r.mds.get("seed", r.seed)}
         section.update(run=None if from_m0 else r.name, method="reference: full fine-tuning of M0" if from_m0
-                       else r.method, seed=r.seed, rft=dict(r.rft), budget=dict(r.budget),
+                       else r.method, seed=r.seed, rft=self._trainer_rft(from_m0), budget=dict(r.budget),
                        final_validation=r.nnunet_validation, previous_model=portable(previous_model))
         plans["plans_name"] = name
         return plans
+
+    def _trainer_rft(self, from_m0: bool = False) -> dict:
+        """The plans' rft: every reading explicit for the MedSeqFT methods (the run's, whatever the trainer's
+        defaults are now), the run's --rft as given for the others."""
+        if from_m0 or not self.method.two_stage:
+            return dict(self.request.rft)
+        return RFTSettings.for_trainer(self.request.rft)
 
     # ------------------------------------------------------------ select
     def _select(self, i: int, dataset: str) -> dict:
@@ -120,8 +127,8 @@ class TaskSteps:
                 cmd += ["-pretrained_weights", loadable_here(start_model, os.path.join(self.folder, "start_models"))]
             log_file = os.path.join(self.folder, LOGS_FOLDER, self._log_name(dataset, from_m0))
             epochs = int(self.request.budget.get("num_epochs") or 1000)
-            if dataset not in self.request.unseen and self.method.has_fft and self.method.lora:  # fft_full: B on top
-                epochs += RFTSettings.from_dict(self.request.rft).stage_b_extra_epochs(epochs)
+            if dataset not in self.request.unseen and self.method.two_stage:  # fft_full: B on top
+                epochs += RFTSettings.from_dict(self._trainer_rft()).stage_b_extra_epochs(epochs)
             remaining = self._remaining_train_steps()
             train_with_progress(cmd, log_file, label=self._label(dataset, from_m0), epochs=epochs,
                                 later_seconds=lambda per_step: per_step * remaining, log=self.log)
