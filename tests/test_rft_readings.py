@@ -78,7 +78,8 @@ def test_student_from_fft_foundation_teacher_and_full_fft_budget(planned_task, t
 def test_export_fft_with_an_adamw_stage_b_and_no_mirroring(planned_task, tiny_foundation):
     """With the readings that are not the defaults: student M_(t-1) + LoRA, M_(t-1) as the buffer teacher, split."""
     plans = _plans(planned_task, "MedSeqFTPlansReadB", export="fft", stage_b_optimizer="adamw", stage_b_lr=0.002,
-                   student_init="previous", g_teacher="previous", budget="split", training={"mirroring": 0})
+                   student_init="previous", g_teacher="previous", g_layers="all", budget="split",
+                   training={"mirroring": 0})
     _, out = _train(planned_task, plans, tiny_foundation)
     final, fft = _load(out / "checkpoint_final.pth"), _load(out / "checkpoint_fft.pth")
     # budget mirroring=0: no mirroring augmentation, and stock nnUNetv2_predict reads no test-time mirror axes
