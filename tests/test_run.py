@@ -520,3 +520,16 @@ def test_a_foundation_with_an_inactive_last_stage_is_named_before_a_full_transfe
     assert inactive_head_inputs(load_foundation(fresh)) == (0, channels), "nnU-Net's init: gamma 1, beta 0"
     warn_inactive_head_inputs(fresh)
     assert capsys.readouterr().err == ""
+
+
+def test_repeated_settings_flags_add_up():
+    """--rft ... --rft ...: both sets count (a second flag silently replacing the first trained other settings)."""
+    import argparse
+
+    from nnunetv2_medseqft.cli.run import configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser, "run")
+    args = parser.parse_args(["--foundation", "F", "--datasets", "501", "--name", "n", "--rft", "lora_rank=4",
+                              "--mds", "repeats=8", "--rft", "student_init=previous", "--mds", "k=3"])
+    assert args.rft == ["lora_rank=4", "student_init=previous"] and args.mds == ["repeats=8", "k=3"]

@@ -70,9 +70,11 @@ def configure_parser(parser, name: str) -> None:
     parser.add_argument("--no-mirroring", action="store_true",
                         help="train without nnU-Net's mirroring augmentation, as nnUNetTrainerNoMirroring does (for "
                              "anatomy whose sides differ: a mirrored abdomen puts the liver where the spleen is)")
-    parser.add_argument("--rft", nargs="*", metavar="KEY=VALUE",
+    # action=extend: a repeated --rft / --mds adds to the settings instead of silently replacing them
+    parser.add_argument("--rft", nargs="*", action="extend", metavar="KEY=VALUE",
                         help="K&G RFT settings, e.g. lambda_g=0.5 lora_rank=4 (see README, Settings)")
-    parser.add_argument("--mds", nargs="*", metavar="KEY=VALUE", help="MDS settings, e.g. repeats=64 k=4")
+    parser.add_argument("--mds", nargs="*", action="extend", metavar="KEY=VALUE",
+                        help="MDS settings, e.g. repeats=64 k=4")
     parser.add_argument("--mirror", action="store_true", help="evaluate with test-time mirroring (8x slower in 3D)")
     parser.add_argument("--nnunet-validation", action="store_true",
                         help="also run nnU-Net's own final validation after each training (the run scores every "
