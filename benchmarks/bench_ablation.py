@@ -33,7 +33,7 @@ from bench_scale import run_label, run_parallel  # noqa: E402
 
 READINGS = {  # METHOD.md, "Readings still open": the default, and one reading changed at a time
     "default": {},
-    "before-2026-12-03": {"student_init": "previous", "g_teacher": "previous", "budget": "split"},  # the old default
+    "before-2026-12-03": {"student_init": "previous", "g_teacher": "previous", "g_layers": "all", "budget": "split"},
     "student-previous": {"student_init": "previous"},
     "split": {"budget": "split"},
     "g-previous": {"g_teacher": "previous"},
