@@ -11,7 +11,8 @@ Common draws. Draw j is the same for every case: the same block mask and the sam
 uniform over the valid starts), but the losses of two cases on one draw move together (where the patch
 lies and what is hidden matter more than which case it is), so their difference is far less noisy than
 either loss: at the CPU scale the variance of the paired difference of neighbouring cases is 0.28x (liver)
-and 0.25x (spleen) that of independent draws (``bench_mds.py``: ``paired_variance_ratio``). The selection only needs those differences.
+and 0.25x (spleen) that of independent draws (``bench_mds.py``: ``paired_variance_ratio``). The selection
+only needs those differences.
 
 Fixed mode (``repeats=R``): R draws for every case (the paper: about 1000).
 

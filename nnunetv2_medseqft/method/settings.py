@@ -130,8 +130,8 @@ class RFTSettings(JsonSettings):
         poly schedule; stage_b_lr None = the trainer's initial_lr for SGD, 1e-3 for AdamW."""
 
     CHOICES = {"buffer": ("mds", "random"), "student_init": ("fft", "previous"),
-               "g_teacher": ("foundation", "previous"), "g_layers": ("encoder", "all"), "export": ("merged", "fft"), "budget": ("fft_full", "split"),
-               "stage_b_optimizer": ("sgd", "adamw")}  # a class attribute, not a field
+               "g_teacher": ("foundation", "previous"), "g_layers": ("encoder", "all"), "export": ("merged", "fft"),
+               "budget": ("fft_full", "split"), "stage_b_optimizer": ("sgd", "adamw")}  # a class attribute, not a field
 
     label = "K&G RFT setting"  # for messages (--rft KEY=VALUE); a class attribute, not a field
     # the readings' defaults before they were chosen on fold 0: a run manifest stores its readings as differences
