@@ -20,17 +20,21 @@ The LAST line printed is a JSON object:
   scale, budget                  what was run
 
 Full protocol at the CPU scale: ``python benchmarks/bench_fidelity.py --workdir W`` (4 tasks + 2 unseen,
-3 seeds, every method). Smoke run: ``--scale tiny --seeds 0 --tasks 2 --unseen 1``.
+3 seeds, every method); ``--jobs 2`` runs two at a time with one torch thread each (wall minutes per method are
+then those of a shared machine: compare them within one layout).
+Smoke run: ``--scale tiny --seeds 0 --tasks 2 --unseen 1``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,6 +50,7 @@ DIFFERENCES = {"medseqft_minus_parallel_dice": ("medseqft", "parallel", "mean_di
 
 def run_method(args, f: Path, method: str, seed: int) -> str:
     from nnunetv2_medseqft.scales import get_scale
+    from nnunetv2_medseqft.threads import THREADS_ENV
 
     name = f"fidelity-{method}-s{seed}-f{args.fold}"
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
@@ -58,9 +63,17 @@ def run_method(args, f: Path, method: str, seed: int) -> str:
            str(args.val_iterations), "--mds", f"repeats={args.mds_repeats}", *get_scale(args.scale).recipe_args()]
     if unseen:
         cmd += ["--unseen", *unseen]
-    print(f"== {name}", flush=True)
     started = time.time()
-    proc = subprocess.run(cmd)
+    if args.jobs == 1:
+        print(f"== {name}", flush=True)
+        proc = subprocess.run(cmd)
+    else:  # runs side by side: each with its share of the cores, its console output in a file
+        log = Path(args.workdir) / "fidelity_logs" / f"{name}.log"
+        log.parent.mkdir(exist_ok=True)
+        print(f"== {name} (output: {log})", flush=True)
+        env = {**os.environ, THREADS_ENV: str(max(1, (os.cpu_count() or 1) // args.jobs))}
+        with open(log, "a") as out:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed; re-run this benchmark to resume it.")
     print(f"   {name}: {(time.time() - started) / 60:.1f} min", flush=True)
@@ -98,6 +111,8 @@ def main() -> None:
     p.add_argument("--val-iterations", type=int, default=None, help="per epoch (default: the scale's)")
     p.add_argument("--mds-repeats", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each with cores/jobs torch threads (2 on 2 cores: 1.35x the iterations)")
     args = p.parse_args()
 
     from nnunetv2_medseqft.scales import get_scale
@@ -113,7 +128,9 @@ def main() -> None:
 
     started = time.time()
     f = build_foundation(workdir, scale, args.device, pretrain_trainer=args.pretrain_trainer)
-    names = [run_method(args, f, m, s) for s in args.seeds for m in args.methods]
+    todo = [(m, s) for s in args.seeds for m in args.methods]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # in order: a seed's methods finish before the next seed
+        names = list(pool.map(lambda ms: run_method(args, f, *ms), todo))
     folders = [run_folder(n) for n in names]
     rows = compare_rows([load_results(d) for d in folders])
     report = write_report(folders, out=str(workdir / "fidelity_report"))
@@ -121,7 +138,7 @@ def main() -> None:
     compute = {m: _compute(rn, args.iterations * args.epochs) for m, rn in _by_method(names).items()}
     budget = {"pretrain_trainer": args.pretrain_trainer or scale.pretrain_trainer, "tasks": args.tasks, "fold": args.fold,
               "unseen": args.unseen, "seeds": args.seeds, "epochs": args.epochs, "iterations": args.iterations,
-              "mds_repeats": args.mds_repeats, "device": args.device, "machine": platform.processor() or
+              "mds_repeats": args.mds_repeats, "device": args.device, "jobs": args.jobs, "machine": platform.processor() or
               platform.machine(), "hours": round((time.time() - started) / 3600, 2)}
     print()
     print(markdown_table(rows))

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import FIRST_TASK_ID
-from nnunet_helpers import BIN, run
+from nnunet_helpers import BIN, run, run_python
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -165,6 +165,19 @@ def test_corrupt_pretrained_weights(planned_task, tmp_path):
     proc = run(["nnUNetv2_train", str(FIRST_TASK_ID), "3d_fullres", "3", "-tr", TRAINER, "-p", "MedSeqFTPlans",
                 "-device", "cpu", "-pretrained_weights", str(tmp_path / "bad.pth")], planned_task.folders, check=False)
     assert proc.returncode != 0 and "unreadable or truncated" in proc.stderr
+
+
+def test_torch_threads_from_the_environment(planned_task, tiny_foundation):
+    code = ("import os, torch; os.environ['MEDSEQFT_TORCH_THREADS'] = '1'; torch.set_num_threads(2)\n"
+            "from nnunetv2.run.run_training import get_trainer_from_args\n"
+            f"get_trainer_from_args('{FIRST_TASK_ID}', '3d_fullres', 0, '{TRAINER}', 'MedSeqFTPlans', "
+            "device=torch.device('cpu'))\nprint('threads', torch.get_num_threads())")
+    assert "threads 1" in run_python(code, planned_task.folders).stdout
+    env_bad = {"MEDSEQFT_TORCH_THREADS": "two"}
+    proc = subprocess.run([str(BIN / "nnUNetv2_train"), *_train_cmd(tiny_foundation, 3)[1:]], capture_output=True,
+                          text=True, env={**planned_task.folders.env(), **env_bad})
+    assert proc.returncode != 0 and "MEDSEQFT_TORCH_THREADS must be a whole number" in proc.stderr
+    assert not _out(planned_task, 3).exists() or not any(_out(planned_task, 3).glob("checkpoint_*.pth"))
 
 
 def test_stage_b_only_trainer_with_given_ft(trained, planned_task, tiny_foundation):

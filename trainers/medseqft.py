@@ -42,6 +42,7 @@ from nnunetv2_medseqft.method.previous_model import check_previous_model, previo
 from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings
 from nnunetv2_medseqft.paths import resolved
 from nnunetv2_medseqft.plugin.variants import apply_budget, budget_variant, seed_everything
+from nnunetv2_medseqft.threads import apply_torch_threads
 
 PREVIOUS_MODEL_FILE = "previous_model.pth"  # M_{t-1} as loaded (fresh head): teacher + LoRA base, also on --c
 FFT_CHECKPOINT_FILE = "checkpoint_fft.pth"  # F_t
@@ -64,6 +65,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         require_3d_configuration(plans, configuration, self.__class__.__name__)
+        apply_torch_threads()
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp and not torch.cuda.is_available():  # a gloo process group on CPUs (tests, CPU clusters)
             self.device, self.grad_scaler = torch.device("cpu"), None

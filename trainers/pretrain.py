@@ -26,6 +26,7 @@ from nnunetv2_medseqft.method.ssl import (
     ssl_losses,
 )
 from nnunetv2_medseqft.plugin.variants import budget_variant
+from nnunetv2_medseqft.threads import apply_torch_threads
 
 # fixed seed for validation masks and patches: epochs are then compared on the same draws
 VALIDATION_SEED = 20251
@@ -37,6 +38,7 @@ class MedSeqFTPretrainTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         require_3d_configuration(plans, configuration, self.__class__.__name__)
+        apply_torch_threads()
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False  # one reconstruction output, at full resolution
         self.ssl_settings = SSLSettings.from_dict(plans.get("medseqft", {}).get("ssl", {}))

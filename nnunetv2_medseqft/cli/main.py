@@ -9,6 +9,7 @@ import importlib
 import sys
 
 from nnunetv2_medseqft.errors import MedSeqFTError
+from nnunetv2_medseqft.threads import apply_torch_threads
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv[1:]  # the subcommand's own arguments (a resumable command is printed from them)
     try:
+        apply_torch_threads()
         result = args.func(args)
     except MedSeqFTError as e:
         print(f"medseqft {args.command}: error: {e}", file=sys.stderr)
