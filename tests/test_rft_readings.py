@@ -10,7 +10,8 @@ from nnunet_helpers import run
 
 from nnunetv2_medseqft.checkpoints import sha256_file, state_fingerprint
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.method.settings import RFTSettings
+from nnunetv2_medseqft.method.settings import RFTSettings, key_value
+from nnunetv2_medseqft.sequence.request import rft_resume_flags
 
 TRAINER = "MedSeqFTTrainer_tiny"  # 4 epochs of 4 iterations, stage_b_fraction 0.5
 
@@ -140,3 +141,9 @@ def test_a_run_records_its_readings_so_a_default_change_never_mixes_them():
     assert RFTSettings.run_record({**RFTSettings.RECORDED_AGAINST, "lambda_g": 0.5}, from_command=True) == \
         {"lambda_g": 0.5}
     assert RFTSettings.from_dict(RFTSettings.for_trainer(new)) == RFTSettings()
+    # the refusal after a default change names the flags that record the stored readings again
+    for stored in ({}, {"lambda_g": 0.5}, {"student_init": "fft", "lora_rank": 4}):
+        flags = rft_resume_flags("medseqft", stored)
+        assert RFTSettings.run_record(dict(key_value(f) for f in flags), from_command=True) == stored
+    assert set(rft_resume_flags("medseqft", {})) == {"student_init=previous", "g_teacher=previous", "g_layers=all",
+                                                     "budget=split"}

@@ -160,6 +160,7 @@ def test_changed_settings_are_refused_for_an_existing_run(nnunet, tiny_foundatio
     proc = run(run_cmd(tiny_foundation, name, "medseqft", "--seed", "3"), nnunet, check=False)
     assert proc.returncode == 2 and "exists with other settings" in proc.stderr and "seed" in proc.stderr
     assert "--seed 3" not in proc.stderr  # the hint repeats the run's own command, not the refused one
+    assert "with --rft" in proc.stderr and "student_init=previous" in proc.stderr  # the readings it was trained under
     assert (nnunet.results / "medseqft_runs" / name / "manifest.json").read_bytes() == before
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from nnunetv2_medseqft.checkpoints import sha256_file
@@ -90,8 +91,10 @@ class Manifest:
         return os.path.join(self.folder, MANIFEST_FILE)
 
     @classmethod
-    def open(cls, folder: str, name: str, settings: dict, resume_hint: str) -> "Manifest":
-        """The run's manifest: created for a new run, checked against ``settings`` for an existing one."""
+    def open(cls, folder: str, name: str, settings: dict, resume_hint: str,
+             stored_hint: Callable[[dict], str] | None = None) -> "Manifest":
+        """The run's manifest: created for a new run, checked against ``settings`` for an existing one
+        (``stored_hint``: more advice from the stored settings when they differ)."""
         path = os.path.join(folder, MANIFEST_FILE)
         if not os.path.isfile(path):
             os.makedirs(folder, exist_ok=True)
@@ -108,9 +111,10 @@ class Manifest:
         diff = sorted(k for k in set(settings) | set(data["settings"]) if settings.get(k) != data["settings"].get(k))
         if diff:
             lines = "\n".join(f"  {k}: stored {data['settings'].get(k)!r}, now {settings.get(k)!r}" for k in diff)
+            more = stored_hint(data["settings"]) if stored_hint else ""
             raise MedSeqFTError(f"Run '{name}' exists with other settings:\n{lines}\nResume it with its own settings "
-                                f"({data.get('command') or resume_hint}) or choose another --name. Results are "
-                                "never mixed.")
+                                f"({data.get('command') or resume_hint}{more}) or choose another --name. Results "
+                                "are never mixed.")
         return cls(folder, data)
 
     def save(self) -> None:

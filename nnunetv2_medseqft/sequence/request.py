@@ -150,6 +150,15 @@ def run_rft(method: str, explicit: dict) -> dict:
     return RFTSettings.run_record(explicit, from_command=True) if two_stage else explicit
 
 
+def rft_resume_flags(method: str, stored: dict) -> list[str]:
+    """``--rft`` values under which today's command records ``stored`` again: a run made before a default
+    changed names its readings here (its stored command alone would now mean the new defaults)."""
+    if not (method in METHODS and METHODS[method].two_stage):
+        return [f"{k}={v}" for k, v in stored.items()]
+    today = {k: getattr(RFTSettings(), k) for k in RFTSettings.RECORDED_AGAINST}
+    return [f"{k}={v}" for k, v in RFTSettings.for_trainer(stored).items() if today.get(k, object()) != v]
+
+
 def request_from_args(args) -> RunRequest:
     budget = {k: v for k, v in (("num_epochs", args.epochs), ("iterations", args.iterations),
                                 ("val_iterations", args.val_iterations), ("warmup_epochs", args.warmup_epochs),

@@ -28,6 +28,7 @@ from nnunetv2_medseqft.sequence.request import (
     RunRequest,
     base_plans_name,
     reference_plans_name,
+    rft_resume_flags,
     run_plans_name,
     validate,
 )
@@ -139,7 +140,8 @@ def run_sequence(request: RunRequest, log=print) -> str:
     os.makedirs(os.path.join(folder, LOGS_FOLDER), exist_ok=True)
     os.environ.setdefault("nnUNet_compile", "f" if request.device == "cpu" else "t")
     with RunLock(folder):
-        manifest = Manifest.open(folder, request.name, request.settings(foundation.sha256), request.command)
+        manifest = Manifest.open(folder, request.name, request.settings(foundation.sha256), request.command,
+                                 stored_hint=lambda stored: _rft_hint(request, stored))
         # saved with the next step: a re-run that is refused (or has nothing left to do) leaves the manifest as it was
         manifest.data["foundation"] = {"path": portable(request.foundation), "sha256": foundation.sha256}
         manifest.data.setdefault("command", request.command)  # the first command: resumes repeat its settings
@@ -184,6 +186,12 @@ def evaluate_run(name_or_path: str, out: str | None = None, log=print) -> str:
         except OSError:
             pass  # a folder nobody can write: no run can change it either
         return _evaluate(folder, data, out, log)
+
+
+def _rft_hint(request: RunRequest, stored: dict) -> str:
+    """After a change of the default readings the stored command means other readings: name them."""
+    flags = rft_resume_flags(request.method, stored.get("rft", {}))
+    return f", with --rft {' '.join(flags)}" if stored.get("rft", {}) != request.rft and flags else ""
 
 
 def _evaluate(folder: str, data: dict, out: str | None, log) -> str:
