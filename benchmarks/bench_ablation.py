@@ -13,7 +13,7 @@ The LAST line printed is a JSON object: {"fold", "epochs", "iterations_per_epoch
 "arms": {arm: {"rft", "mean_dice", "f_mean_dice", "bwt" (each {"mean", "sd", "per_seed"}), "minus_parallel",
 "minus_seqfft" (per seed), "iterations_per_task", "train_minutes"}}, "baselines": {method: the same fields}}.
 
-``python benchmarks/bench_ablation.py --workdir W --arms default g-encoder --tasks 2 --seeds 0``
+``python benchmarks/bench_ablation.py --workdir W --arms default k-encoder --tasks 2 --seeds 0``
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ READINGS = {  # METHOD.md, "Readings still open": the default, and one reading c
     "student-previous": {"student_init": "previous"},
     "split": {"budget": "split"},
     "g-previous": {"g_teacher": "previous"},
-    "g-encoder": {"g_layers": "encoder"},
+    "g-all": {"g_layers": "all"},
+    "k-encoder": {"k_layers": "encoder"},
     "export-fft": {"export": "fft"},
     "adamw": {"stage_b_optimizer": "adamw"},
 }

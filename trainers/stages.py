@@ -21,6 +21,11 @@ from nnunetv2_medseqft.method.distill import FeatureTaps, feature_distance
 from nnunetv2_medseqft.method.settings import RFTSettings
 
 
+def _part(teacher: torch.nn.Module, encoder_only: bool) -> torch.nn.Module:
+    """What a teacher runs: its encoder alone where its taps are all there."""
+    return unwrap(teacher).encoder if encoder_only else teacher
+
+
 def frozen(net: torch.nn.Module) -> torch.nn.Module:
     net.eval()
     for p in net.parameters():
@@ -43,12 +48,15 @@ class RFTStage:
         self.student = adapters.add_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_targets)
         if student_state is not None:
             self.student.load_state_dict(student_state, strict=False)
-        self.g_encoder_only = settings.g_layers == "encoder"
+        # g_layers / k_layers = encoder: that teacher's taps and forward stop at its encoder
+        self.g_encoder_only, self.k_encoder_only = settings.g_layers == "encoder", settings.k_layers == "encoder"
         self.taps = {"student": FeatureTaps(self.student),
                      "prev": FeatureTaps(self.teacher_prev, "encoder" if self.g_encoder_only else None)}
         if self.teacher_fft is not None:
-            self.taps["fft"] = FeatureTaps(self.teacher_fft)
-        self._g_index = [self.taps["student"].names.index(n) for n in self.taps["prev"].names]
+            self.taps["fft"] = FeatureTaps(self.teacher_fft, "encoder" if self.k_encoder_only else None)
+        # the student's taps that each teacher's taps compare with
+        self._index = {t: [self.taps["student"].names.index(n) for n in taps.names]
+                       for t, taps in self.taps.items() if t != "student"}
 
     @property
     def trainable_parameters(self) -> int:
@@ -73,13 +81,14 @@ class RFTStage:
             l_k = l_g = zero
             with torch.no_grad():
                 if use_k:
-                    self.teacher_fft(data)
-                if use_g:  # with g_layers=encoder only the teacher's encoder runs (its taps are all there)
-                    (unwrap(self.teacher_prev).encoder if self.g_encoder_only else self.teacher_prev)(data[in_buffer])
+                    _part(self.teacher_fft, self.k_encoder_only)(data)
+                if use_g:
+                    _part(self.teacher_prev, self.g_encoder_only)(data[in_buffer])
             if use_k:
-                l_k = feature_distance(student, self.taps["fft"].collect())
+                l_k = feature_distance([student[i] for i in self._index["fft"]], self.taps["fft"].collect())
             if use_g:
-                l_g = feature_distance([student[i][in_buffer] for i in self._g_index], self.taps["prev"].collect())
+                l_g = feature_distance([student[i][in_buffer] for i in self._index["prev"]],
+                                       self.taps["prev"].collect())
             loss = seg + s.lambda_k * l_k + s.lambda_g * l_g
             l_k, l_g = l_k.detach(), l_g.detach()
         backward_and_step(trainer, loss)
