@@ -57,13 +57,17 @@ def build_foundation(workdir: Path, scale, device: str, seed: int = 0, pretrain_
     output exists). ``scale``: a ``nnunetv2_medseqft.scales.Scale`` or its name; ``first_id``: the pool's id
     (two scales can share one nnU-Net root at different ids)."""
     from nnunetv2_medseqft.scales import get_scale
-    from nnunetv2_medseqft.synth import generate
+    from nnunetv2_medseqft.synth import generate, stale_datasets
 
     scale = get_scale(scale) if isinstance(scale, str) else scale
     trainer = pretrain_trainer or scale.pretrain_trainer
     raw, pre, res = (workdir / d for d in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
     if not any(raw.glob(f"Dataset{first_id}_*")):
         generate(raw, preset=scale.preset, seed=seed, first_id=first_id)
+    stale = stale_datasets(raw, first_id)
+    if stale:
+        raise SystemExit(f"{raw} holds generated data with other labels than today's ({', '.join(stale)}): use a new "
+                         "--workdir (its runs would mix two benchmarks); the old one stays as it is.")
     if not any(pre.glob(f"Dataset{first_id}_*/{scale.plans_name}_3d_fullres")):
         sh(scale.plan_pool_command(first_id))
     pattern = f"Dataset{first_id}_*/{trainer}__{scale.plans_name}__3d_fullres/fold_all/checkpoint_final.pth"

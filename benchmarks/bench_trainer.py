@@ -6,6 +6,7 @@ bench_mds.py (synth, pool, foundation, ``medseqft plan``) in --workdir, reusing 
 
 The LAST line printed is a JSON object with these keys:
   rft_step_ratio      median stage-B step / median stock step
+  rft_step_ratio_by_arm  the same for each --arms reading of stage B (e.g. k_layers=encoder), side by side
   fft_step_ratio      median stage-A step / median stock step
   rft_peak_rss_ratio  peak RSS of a process running stage-B steps / one running stock steps (separate children)
   merge_max_abs_diff  max |logits| difference: student computed with peft's LoRA branch vs the merged plain network
@@ -49,6 +50,13 @@ def make_trainers(task: str, plans_name: str, foundation: Path, which: tuple[str
         tr.on_train_start()
         trainers[name] = tr
     return trainers
+
+
+def _arm(text: str) -> tuple[str, dict]:
+    from nnunetv2_medseqft.method.settings import key_value
+
+    name, _, spec = text.partition(":")
+    return name, dict(key_value(kv) for kv in spec.split(",") if kv)
 
 
 def step_fn(trainer, batches, stage):
@@ -127,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu",))
     p.add_argument("--steps", type=int, default=8, help="timed steps per trainer (default: 8)")
     p.add_argument("--predict-rounds", type=int, default=6)
+    p.add_argument("--arms", nargs="*", default=["k-encoder:k_layers=encoder", "g-all:g_layers=all"],
+                   help="stage-B readings timed next to the plans' own: NAME:key=value,... (--rft of medseqft run)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.workdir = str(Path(args.workdir or tempfile.mkdtemp(prefix="bench_trainer_")).resolve())
@@ -147,6 +157,13 @@ def main(argv=None) -> int:
     batches = [next(trainers["stock"].dataloader_train) for _ in range(2)]
     steps = {"stock": step_fn(trainers["stock"], batches, "A"), "fft": step_fn(trainers["fft"], batches, "A"),
              "rft": step_fn(trainers["rft"], batches, "B")}
+    from nnunetv2_medseqft.method.settings import RFTSettings
+
+    arms = dict(_arm(a) for a in args.arms)
+    for name, overrides in arms.items():  # stage B under another reading, in the same rounds
+        tr = make_trainers(task, args.plans_name, foundation, ("rft",))["rft"]
+        tr.rft = RFTSettings.from_dict({**tr.rft.to_dict(), **overrides})
+        steps[f"rft:{name}"] = step_fn(tr, batches, "B")
     for step in steps.values():  # warm-up
         step()
     times = {n: [] for n in steps}
@@ -159,6 +176,7 @@ def main(argv=None) -> int:
     print("median step seconds:", {n: round(v, 3) for n, v in med.items()})
     result = {
         "rft_step_ratio": med["rft"] / med["stock"],
+        "rft_step_ratio_by_arm": {n: med[f"rft:{n}"] / med["stock"] for n in arms},
         "fft_step_ratio": med["fft"] / med["stock"],
         "rft_peak_rss_ratio": rss["rft"] / rss["stock"],
         "merge_max_abs_diff": merge_diff(trainers["rft"], batches[0]),

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from nnunetv2_medseqft.cli import main as cli
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.synth import default_datasets, generate
+from nnunetv2_medseqft.synth import default_datasets, generate, stale_datasets
 from nnunetv2_medseqft.synth.datasets import resolve_out_dir
 from nnunetv2_medseqft.synth.preview import write_preview
 from nnunetv2_medseqft.synth.sites import SITES
@@ -88,6 +88,17 @@ def test_labels_consecutive_and_foreground_in_every_case(tiny):
             array = sitk.GetArrayFromImage(label)
             assert set(np.unique(array)) <= set(values), path
             assert array.any(), f"{path} has no foreground"
+
+
+def test_organ_tasks_label_lesions_as_organ_and_old_labels_are_found(tiny, tmp_path):
+    """Lesions are the unseen task's label; inside the organ tasks they count as organ (as liver does)."""
+    labels = {i: json.loads((p / "dataset.json").read_text())["labels"] for i, p in tiny.items()}
+    assert labels[503] == {"background": 0, "kidney": 1} and labels[505] == {"background": 0, "liver_lesion": 1}
+    assert stale_datasets(tiny[500].parent) == []
+    old = tmp_path / "Dataset503_MSFTKidney"  # data generated before the kidney task merged its lesions
+    old.mkdir()
+    (old / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "kidney": 1, "kidney_lesion": 2}}))
+    assert stale_datasets(tmp_path) == ["Dataset503_MSFTKidney"]
 
 
 def test_sites_sidecar(tiny):

@@ -7,7 +7,7 @@
   500  Dataset500_MSFTPool          pool     body (pool sites A, B), for self-supervision
   501  Dataset501_MSFTLiver         task     liver incl. lesions (half A/B, half shifted site C)
   502  Dataset502_MSFTSpleen        task     spleen (A/B + C)
-  503  Dataset503_MSFTKidney        task     kidney, kidney_lesion (A/B + C)
+  503  Dataset503_MSFTKidney        task     kidney incl. lesions (A/B + C)
   504  Dataset504_MSFTPancreas      task     pancreas (A/B + C)
   505  Dataset505_MSFTLiverLesion   unseen   liver_lesion (new site D)
   506  Dataset506_MSFTStomach       unseen   stomach (new site D)
@@ -18,6 +18,6 @@ only in which structures they label (datasets.py). Presets: ``tiny`` (8 cases pe
 pool, ~32^3 voxels) and ``bench`` (24 / 48, ~64^3).
 """
 
-from nnunetv2_medseqft.synth.datasets import PRESETS, PlannedDataset, default_datasets, generate
+from nnunetv2_medseqft.synth.datasets import PRESETS, PlannedDataset, default_datasets, generate, stale_datasets
 
-__all__ = ["PRESETS", "PlannedDataset", "default_datasets", "generate"]
+__all__ = ["PRESETS", "PlannedDataset", "default_datasets", "generate", "stale_datasets"]

@@ -38,12 +38,9 @@ CATALOGUE = (
     ),
     DatasetSpec("MSFTLiver", "task", {"liver": ("liver", "liver_lesion")}, "task 1: liver incl. lesions"),
     DatasetSpec("MSFTSpleen", "task", {"spleen": ("spleen",)}, "task 2: spleen"),
-    DatasetSpec(
-        "MSFTKidney",
-        "task",
-        {"kidney": ("kidney",), "kidney_lesion": ("kidney_lesion",)},
-        "task 3: kidneys + kidney lesions",
-    ),
+    # organ tasks label their lesions as organ (a rare second class kept the kidney from being learned at all
+    # at the CPU budget: benchmarks/results/scale-tasks-2026-12-03.txt); lesions are the unseen task's label
+    DatasetSpec("MSFTKidney", "task", {"kidney": ("kidney", "kidney_lesion")}, "task 3: kidneys incl. lesions"),
     DatasetSpec("MSFTPancreas", "task", {"pancreas": ("pancreas",)}, "task 4: pancreas"),
     DatasetSpec(
         "MSFTLiverLesion",
@@ -132,6 +129,19 @@ def colliding_folders(out: Path, planned: list[PlannedDataset]) -> list[Path]:
         for child in out.iterdir()
         if child.is_dir() and (m := re.fullmatch(r"Dataset(\d{3})_.+", child.name)) and int(m[1]) in ids
     )
+
+
+def stale_datasets(out_dir: str | os.PathLike, first_id: int = DEFAULT_FIRST_ID) -> list[str]:
+    """Generated folders in ``out_dir`` whose labels are not the ones the catalogue writes today (data made
+    before a label change): reusing them would mix two benchmarks."""
+    stale = []
+    for ds in default_datasets(first_id):
+        path = Path(out_dir) / ds.name / "dataset.json"
+        if path.is_file():
+            labels = json.loads(path.read_text())["labels"]
+            if labels != {"background": 0, **{name: v for v, name in enumerate(ds.spec.labels, start=1)}}:
+                stale.append(ds.name)
+    return stale
 
 
 def generate(
