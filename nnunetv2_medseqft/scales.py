@@ -47,8 +47,8 @@ class Scale:
         """Model folder of the foundation inside the pool's results folder."""
         return f"{self.pretrain_trainer}__{self.plans_name}__3d_fullres"
 
-    def budget_args(self) -> list[str]:
-        return ["--epochs", str(self.epochs), "--iterations", str(self.iterations),
+    def budget_args(self, epochs: int | None = None) -> list[str]:
+        return ["--epochs", str(epochs or self.epochs), "--iterations", str(self.iterations),
                 "--val-iterations", str(self.val_iterations)] + self.recipe_args()
 
     def recipe_args(self) -> list[str]:
@@ -59,12 +59,13 @@ class Scale:
 
 SCALES = {
     "tiny": Scale("tiny", "tiny", None, "nnUNetPlans", "MedSeqFTPretrainTrainer_tiny", 4, 3, 1),
-    # task budget: the plateau of parallel FFT (benchmarks/results/scale-*.txt)
-    "cpu": Scale("cpu", "cpu", "MedSeqFTCPUPlanner", "MedSeqFTCPUPlans", "MedSeqFTPretrainTrainer_cpu", 16, 50, 5,
+    # task budget: every organ task of parallel FFT better at 24 than at 16 epochs on fold 0, the pancreas learned
+    # only from there (benchmarks/results/scale-tasks-2026-12-03.txt)
+    "cpu": Scale("cpu", "cpu", "MedSeqFTCPUPlanner", "MedSeqFTCPUPlans", "MedSeqFTPretrainTrainer_cpu", 24, 50, 5,
                  mirroring=False, m0_transfer="encoder"),
     # the same data and widths on nnU-Net's residual-encoder preset (ResEnc M layout), for the ResEnc benchmarks
     "cpu-resenc": Scale("cpu-resenc", "cpu", "MedSeqFTResEncCPUPlanner", "MedSeqFTResEncCPUPlans",
-                        "MedSeqFTPretrainTrainer_cpu", 16, 50, 5, mirroring=False, m0_transfer="encoder"),
+                        "MedSeqFTPretrainTrainer_cpu", 24, 50, 5, mirroring=False, m0_transfer="encoder"),
 }
 
 
