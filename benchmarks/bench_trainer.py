@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_ablation import parse_arm  # noqa: E402
 from bench_mds import add_scale_args, build, set_env  # noqa: E402
 
 TRAINER = "MedSeqFTTrainer"
@@ -50,13 +51,6 @@ def make_trainers(task: str, plans_name: str, foundation: Path, which: tuple[str
         tr.on_train_start()
         trainers[name] = tr
     return trainers
-
-
-def _arm(text: str) -> tuple[str, dict]:
-    from nnunetv2_medseqft.method.settings import key_value
-
-    name, _, spec = text.partition(":")
-    return name, dict(key_value(kv) for kv in spec.split(",") if kv)
 
 
 def step_fn(trainer, batches, stage):
@@ -135,8 +129,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu",))
     p.add_argument("--steps", type=int, default=8, help="timed steps per trainer (default: 8)")
     p.add_argument("--predict-rounds", type=int, default=6)
-    p.add_argument("--arms", nargs="*", default=["k-encoder:k_layers=encoder", "g-all:g_layers=all"],
-                   help="stage-B readings timed next to the plans' own: NAME:key=value,... (--rft of medseqft run)")
+    p.add_argument("--arms", nargs="*", default=["k-encoder", "g-all"],
+                   help="stage-B readings timed next to the plans' own: bench_ablation's arms (a reading's name or "
+                        "NAME:key=value,...)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.workdir = str(Path(args.workdir or tempfile.mkdtemp(prefix="bench_trainer_")).resolve())
@@ -159,7 +154,7 @@ def main(argv=None) -> int:
              "rft": step_fn(trainers["rft"], batches, "B")}
     from nnunetv2_medseqft.method.settings import RFTSettings
 
-    arms = dict(_arm(a) for a in args.arms)
+    arms = dict(parse_arm(a) for a in args.arms)
     for name, overrides in arms.items():  # stage B under another reading, in the same rounds
         tr = make_trainers(task, args.plans_name, foundation, ("rft",))["rft"]
         tr.rft = RFTSettings.from_dict({**tr.rft.to_dict(), **overrides})

@@ -131,6 +131,11 @@ def colliding_folders(out: Path, planned: list[PlannedDataset]) -> list[Path]:
     )
 
 
+def dataset_labels(spec: DatasetSpec) -> dict[str, int]:
+    """The ``labels`` of a generated dataset.json."""
+    return {"background": 0, **{name: v for v, name in enumerate(spec.labels, start=1)}}
+
+
 def stale_datasets(out_dir: str | os.PathLike, first_id: int = DEFAULT_FIRST_ID) -> list[str]:
     """Generated folders in ``out_dir`` whose labels are not the ones the catalogue writes today (data made
     before a label change): reusing them would mix two benchmarks."""
@@ -139,7 +144,7 @@ def stale_datasets(out_dir: str | os.PathLike, first_id: int = DEFAULT_FIRST_ID)
         path = Path(out_dir) / ds.name / "dataset.json"
         if path.is_file():
             labels = json.loads(path.read_text())["labels"]
-            if labels != {"background": 0, **{name: v for v, name in enumerate(ds.spec.labels, start=1)}}:
+            if labels != dataset_labels(ds.spec):
                 stale.append(ds.name)
     return stale
 
@@ -209,7 +214,7 @@ def _write_dataset(folder: Path, ds: PlannedDataset, preset_name: str, seed: int
         "name": ds.name,
         "description": f"medseqft synthetic CT benchmark, {spec.description}",
         "channel_names": {"0": "CT"},
-        "labels": {"background": 0, **{name: v for v, name in enumerate(spec.labels, start=1)}},
+        "labels": dataset_labels(spec),
         "numTraining": len(cases),
         "file_ending": ".nii.gz",
         "medseqft": {"role": spec.role, "preset": preset_name, "seed": seed},
