@@ -13,7 +13,7 @@ The LAST line printed is a JSON object: {"fold", "epochs", "iterations_per_epoch
 "arms": {arm: {"rft", "mean_dice", "f_mean_dice", "bwt" (each {"mean", "sd", "per_seed"}), "minus_parallel",
 "minus_seqfft" (per seed), "iterations_per_task", "train_minutes"}}, "baselines": {method: the same fields}}.
 
-``python benchmarks/bench_ablation.py --workdir W --arms default k-encoder --tasks 2 --seeds 0``
+``python benchmarks/bench_ablation.py --workdir W --arms default k-all --tasks 2 --seeds 0``
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ from bench_scale import run_label, run_parallel  # noqa: E402
 
 READINGS = {  # METHOD.md, "Readings still open": the default, and one reading changed at a time
     "default": {},
-    "before-2026-12-03": {"student_init": "previous", "g_teacher": "previous", "g_layers": "all", "budget": "split"},
+    "before-2026-12-03": {"student_init": "previous", "g_teacher": "previous", "g_layers": "all", "budget": "split",
+                          "k_layers": "all"},
     "student-previous": {"student_init": "previous"},
     "split": {"budget": "split"},
     "g-previous": {"g_teacher": "previous"},
     "g-all": {"g_layers": "all"},
+    "k-all": {"k_layers": "all"},  # the default until 2026-12-03 (ablation-k-encoder-2026-12-03.txt)
     "k-encoder": {"k_layers": "encoder"},
     "export-fft": {"export": "fft"},
     "adamw": {"stage_b_optimizer": "adamw"},

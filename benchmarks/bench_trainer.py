@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu",))
     p.add_argument("--steps", type=int, default=8, help="timed steps per trainer (default: 8)")
     p.add_argument("--predict-rounds", type=int, default=6)
-    p.add_argument("--arms", nargs="*", default=["k-encoder", "g-all"],
+    p.add_argument("--arms", nargs="*", default=["k-all", "g-all"],
                    help="stage-B readings timed next to the plans' own: bench_ablation's arms (a reading's name or "
                         "NAME:key=value,...)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)

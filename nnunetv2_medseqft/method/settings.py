@@ -122,8 +122,8 @@ class RFTSettings(JsonSettings):
     g_layers: the stages the generalization term compares: 'encoder' (the teacher's decoder is not run: M0's
         decoder was trained to reconstruct, and a task started from M0's encoder never had it) or 'all' (encoder
         and decoder).
-    k_layers: the stages the knowledge term compares: 'all' (encoder and decoder) or 'encoder' (F_t's decoder is
-        not run: the teachers then cost two encoder forwards, about half of one full forward).
+    k_layers: the stages the knowledge term compares: 'encoder' (F_t's decoder is not run: the teachers then cost
+        two encoder forwards, about half of one full forward) or 'all' (encoder and decoder).
     export: 'merged' (checkpoint_final.pth = M_t) or 'fft' (checkpoint_final.pth = F_t; M_t's adapter is kept).
     budget: 'fft_full' (stage A trains the full budget, as the FFT baselines do, and stage B runs on top for the
         epochs it would have taken, stage_b_fraction of the trainer's epochs) or 'split' (stage B takes its
@@ -132,7 +132,7 @@ class RFTSettings(JsonSettings):
         poly schedule; stage_b_lr None = the trainer's initial_lr for SGD, 1e-3 for AdamW."""
 
     CHOICES = {"buffer": ("mds", "random"), "student_init": ("fft", "previous"),
-               "g_teacher": ("foundation", "previous"), "g_layers": ("encoder", "all"), "k_layers": ("all", "encoder"),
+               "g_teacher": ("foundation", "previous"), "g_layers": ("encoder", "all"), "k_layers": ("encoder", "all"),
                "export": ("merged", "fft"),
                "budget": ("fft_full", "split"), "stage_b_optimizer": ("sgd", "adamw")}  # a class attribute, not a field
 
@@ -140,7 +140,7 @@ class RFTSettings(JsonSettings):
     # the readings' defaults before they were chosen on fold 0: a run manifest stores its readings as differences
     # from these, so that runs made before still match, and resume, under the readings they were trained with
     RECORDED_AGAINST = {"student_init": "previous", "g_teacher": "previous", "g_layers": "all", "export": "merged",
-                        "budget": "split"}
+                        "budget": "split", "k_layers": "all"}
 
     stage_b_fraction: float = 0.3
     lora_rank: int = 8
@@ -153,7 +153,7 @@ class RFTSettings(JsonSettings):
     student_init: str = "fft"
     g_teacher: str = "foundation"
     g_layers: str = "encoder"
-    k_layers: str = "all"
+    k_layers: str = "encoder"
     export: str = "merged"
     budget: str = "fft_full"
     stage_b_optimizer: str = "sgd"
