@@ -7,11 +7,12 @@ bench_scale.py's run of the same name, shared). Work
 lives in --workdir (a bench_scale.py workdir: its data and foundation are reused); every run resumes where it
 stopped. Choose settings on one fold (default 0), report on another (--fold 1) without changing them.
 
-Prints per arm: mean task Dice of the exported models M_t and of the stage-A models F_t, BWT, the paired
-per-seed differences against parallel FFT and seqFFT, and the compute (training iterations and minutes per task).
-The LAST line printed is a JSON object: {"fold", "epochs", "iterations_per_epoch", "tasks", "seeds",
-"arms": {arm: {"rft", "mean_dice", "f_mean_dice", "bwt" (each {"mean", "sd", "per_seed"}), "minus_parallel",
-"minus_seqfft" (per seed), "iterations_per_task", "train_minutes"}}, "baselines": {method: the same fields}}.
+Prints per arm: mean task Dice of the exported models M_t and of the stage-A models F_t, BWT, BWT of the encoder
+alone, the paired per-seed differences against parallel FFT and seqFFT, and the compute (training iterations and
+minutes per task). The LAST line printed is a JSON object: {"fold", "epochs", "iterations_per_epoch", "tasks",
+"seeds", "arms": {arm: {"rft", "mean_dice", "f_mean_dice", "bwt", "bwt_encoder" (each {"mean", "sd", "per_seed"}),
+"minus_parallel", "minus_seqfft" (per seed), "iterations_per_task", "train_minutes"}}, "baselines": {method: the
+same fields}}.
 
 ``python benchmarks/bench_ablation.py --workdir W --arms default k-all --tasks 2 --seeds 0``
 """
@@ -94,6 +95,7 @@ def run_numbers(name: str, iterations: int) -> dict:
         if ckpt is not None:
             epochs.append(len(torch.load(ckpt, map_location="cpu", weights_only=False)["logging"]["train_losses"]))
     return {"mean_dice": results["summary"]["mean_dice"], "bwt": results["summary"].get("bwt"),
+            "bwt_encoder": results["summary"].get("bwt_encoder"),
             "f_mean_dice": statistics.mean(f_dice) if f_dice else None,
             "iterations_per_task": round(statistics.mean(epochs) * iterations) if epochs else None,
             "train_minutes": round(sum(s.get("seconds") or 0 for s in train.values()) / 60, 2)}
@@ -108,7 +110,7 @@ def _stats(per_seed: dict) -> dict:
 
 def summarise(per_seed: dict, seeds: list[int], reference: dict) -> dict:
     """per_seed: {seed: run_numbers}; reference: {method: {seed: run_numbers}} for the paired differences."""
-    out = {k: _stats({s: per_seed[s][k] for s in seeds}) for k in ("mean_dice", "f_mean_dice", "bwt")}
+    out = {k: _stats({s: per_seed[s][k] for s in seeds}) for k in ("mean_dice", "f_mean_dice", "bwt", "bwt_encoder")}
     for method in ("parallel", "seqfft"):
         out[f"minus_{method}"] = {s: round(per_seed[s]["mean_dice"] - reference[method][s]["mean_dice"], 2)
                                   for s in seeds if method in reference}
@@ -162,12 +164,13 @@ def main() -> None:
         return "-" if stats["mean"] is None else f"{stats['mean']:.1f}" + (f" ± {stats['sd']:.1f}" if stats["sd"] else "")
 
     print(f"\nfold {args.fold}, {len(tasks)} tasks, {args.epochs} x {iterations} iterations, seeds {args.seeds}")
-    print("| arm | --rft | Dice M_t | Dice F_t | BWT | - parallel (per seed) | - seqFFT (per seed) | iterations/task "
-          "| train min |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| arm | --rft | Dice M_t | Dice F_t | BWT | BWT (encoder) | - parallel (per seed) | - seqFFT (per seed) "
+          "| iterations/task | train min |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for arm, r in {**{f"({m})": {"rft": {}, **v} for m, v in baselines.items()}, **rows}.items():
         print(f"| {arm} | {' '.join(f'{k}={v}' for k, v in r['rft'].items()) or '-'} | {cell(r['mean_dice'])} | "
-              f"{cell(r['f_mean_dice'])} | {cell(r['bwt'])} | {r['minus_parallel']} | {r['minus_seqfft']} | "
+              f"{cell(r['f_mean_dice'])} | {cell(r['bwt'])} | {cell(r['bwt_encoder'])} | {r['minus_parallel']} | "
+              f"{r['minus_seqfft']} | "
               f"{r['iterations_per_task']} | {r['train_minutes']} |")
     print(json.dumps({"fold": args.fold, "epochs": args.epochs, "iterations_per_epoch": iterations, "tasks": tasks,
                       "seeds": args.seeds, "arms": rows, "baselines": baselines}))

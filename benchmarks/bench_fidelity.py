@@ -2,8 +2,9 @@
 
 Builds in --workdir (reusing what exists; every ``medseqft run`` resumes where it stopped): generated
 data, the pool planned and a foundation pre-trained at --scale (nnunetv2_medseqft/scales.py), then
-``medseqft run`` for each method and seed over --tasks sequential tasks and the unseen tasks, plus
-``scratch`` (parallel FFT from a random initialisation of the same network: what pre-training buys).
+``medseqft run`` for each method and seed over --tasks sequential tasks and the unseen tasks (not for the
+independent task models of ``parallel``), plus ``scratch`` (parallel FFT from a random initialisation of the same
+network: what pre-training buys).
 Prints the per-method table (mean ± sd over seeds), the compute of each method and the paired
 differences per seed.
 
@@ -12,10 +13,12 @@ The LAST line printed is a JSON object:
   medseqft_minus_seqfft_dice     the same against sequential FFT
   mds_minus_random_dice          MedSeqFT with the MDS buffer - with a random buffer
   unseen_transfer_minus_m0_dice  MedSeqFT: unseen-task Dice from the final body - from M0
+  unseen_medseqft_minus_seqfft_dice  unseen-task Dice from MedSeqFT's final body - from seqFFT's
+  bwt_medseqft_minus_seqfft, bwt_encoder_medseqft_minus_seqfft  less forgetting than seqFFT when > 0
   per_seed                       each difference per seed
   pretraining_gain_dice          parallel FFT from M0 - from a random initialisation (mean task Dice)
   parallel_mean_dice             mean task Dice of parallel FFT
-  methods                        per method: mean/sd of mean_dice, mean_hd95, acc, bwt, fwt, unseen_run, unseen_m0
+  methods                        per method: mean/sd of mean_dice, mean_hd95, acc, bwt, bwt_encoder, fwt, unseen_run, unseen_m0
   compute                        per method: training iterations and wall minutes per seed (mean over seeds)
   scale, budget                  what was run
 
@@ -23,6 +26,11 @@ Full protocol at the CPU scale: ``python benchmarks/bench_fidelity.py --workdir 
 3 seeds, every method); ``--jobs 2`` runs two at a time with one torch thread each (wall minutes per method are
 then those of a shared machine: compare them within one layout).
 Smoke run: ``--scale tiny --seeds 0 --tasks 2 --unseen 1``.
+
+``--archive DIR`` makes the protocol resumable across machines (a workdir does not outlive its machine; DIR is
+meant to be committed): DIR keeps the foundation (restored into a new workdir instead of pre-training again, so
+every seed's methods start from the same M0 wherever they ran) and each finished run's scores (results.json,
+manifest.json, overlays); a run found there is not trained again, and the tables are computed from DIR.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -42,21 +51,88 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_mds import POOL_ID, add_scale_args, build_foundation, random_init_foundation, set_env  # noqa: E402
 
 ALL_METHODS = ("medseqft", "seqfft", "parallel", "random-buffer", "lora", "multitask", "scratch")
+NO_UNSEEN = ("parallel", "scratch")  # independent task models: the last one is no "final body" of a sequence
 DIFFERENCES = {"medseqft_minus_parallel_dice": ("medseqft", "parallel", "mean_dice"),
                "medseqft_minus_seqfft_dice": ("medseqft", "seqfft", "mean_dice"),
                "mds_minus_random_dice": ("medseqft", "random-buffer", "mean_dice"),
-               "pretraining_gain_dice": ("parallel", "scratch", "mean_dice")}
+               "pretraining_gain_dice": ("parallel", "scratch", "mean_dice"),
+               "unseen_medseqft_minus_seqfft_dice": ("medseqft", "seqfft", "unseen_run"),
+               "bwt_medseqft_minus_seqfft": ("medseqft", "seqfft", "bwt"),
+               "bwt_encoder_medseqft_minus_seqfft": ("medseqft", "seqfft", "bwt_encoder")}
+
+
+FOUNDATION_FILES = ("fold_all/checkpoint_final.pth", "plans.json", "dataset.json", "dataset_fingerprint.json")
+RUN_FILES = ("results.json", "manifest.json", "overlays")
+
+
+def run_name(method: str, seed: int, fold: str) -> str:
+    return f"fidelity-{method}-s{seed}-f{fold}"
+
+
+def restore_foundation(archive: Path, workdir: Path) -> None:
+    """Put the archived foundation where ``build_foundation`` looks for it, unless the workdir has one."""
+    saved = archive / "foundation"
+    if not saved.is_dir():
+        return
+    rel = json.loads((saved / "foundation.json").read_text())["folder"]
+    target = workdir / "nnUNet_results" / rel
+    if not (target / FOUNDATION_FILES[0]).is_file():
+        for name in FOUNDATION_FILES:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(saved / name, target / name)
+
+
+def archive_foundation(archive: Path, workdir: Path, f: Path) -> str:
+    """Store the foundation the first time; afterwards refuse a workdir whose foundation is another one (its
+    runs would not be paired with the archived ones). Returns the checkpoint's sha256."""
+    from nnunetv2_medseqft.checkpoints import sha256_file
+
+    digest, saved = sha256_file(str(f)), archive / "foundation"
+    if (saved / "foundation.json").is_file():
+        kept = json.loads((saved / "foundation.json").read_text())["sha256"]
+        if kept != digest:
+            raise SystemExit(f"{f} is not the foundation archived in {saved} (sha256 {kept[:12]}, this one "
+                             f"{digest[:12]}): use a new workdir (the archived foundation is restored into it) "
+                             "or a new --archive.")
+        return digest
+    trainer_folder = f.parent.parent
+    for name in FOUNDATION_FILES:
+        (saved / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(trainer_folder / name, saved / name)
+    info = {"folder": str(trainer_folder.relative_to(workdir / "nnUNet_results")), "sha256": digest}
+    (saved / "foundation.json").write_text(json.dumps(info, indent=1) + "\n")
+    return digest
+
+
+def archive_run(archive: Path, name: str, digest: str) -> None:
+    from nnunetv2_medseqft.sequence.layout import run_folder
+
+    src, dst = Path(run_folder(name)), archive / "runs" / name
+    tmp = dst.with_name(dst.name + ".partial")  # never a half-copied run that looks finished
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in RUN_FILES:
+        if (src / item).is_dir():
+            shutil.copytree(src / item, tmp / item)
+        elif (src / item).is_file():
+            shutil.copy2(src / item, tmp / item)
+    (tmp / "archive.json").write_text(json.dumps({"foundation_sha256": digest, "machine": _machine(),
+                                                  "archived": time.strftime("%Y-%m-%d %H:%M")}) + "\n")
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
 
 
 def run_method(args, f: Path, method: str, seed: int) -> str:
     from nnunetv2_medseqft.scales import get_scale
     from nnunetv2_medseqft.threads import THREADS_ENV
 
-    name = f"fidelity-{method}-s{seed}-f{args.fold}"
+    name = run_name(method, seed, args.fold)
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
     unseen = [str(POOL_ID + 5 + i) for i in range(args.unseen)]
-    if method == "scratch":  # parallel FFT from a random initialisation: no unseen tasks (nothing to transfer)
-        f, method, unseen = random_init_foundation(f, seed), "parallel", []
+    if method in NO_UNSEEN:  # no sequence whose final body could pass anything on: its unseen runs would cost
+        unseen = []          # two trainings per task and answer nothing the goals ask
+    if method == "scratch":  # parallel FFT from a random initialisation
+        f, method = random_init_foundation(f, seed), "parallel"
     cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", str(f), "--datasets", *tasks,
            "--method", method, "--name", name, "--seed", str(seed), "--fold", args.fold, "--device", args.device,
            "--epochs", str(args.epochs), "--iterations", str(args.iterations), "--val-iterations",
@@ -77,6 +153,8 @@ def run_method(args, f: Path, method: str, seed: int) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed; re-run this benchmark to resume it.")
     print(f"   {name}: {(time.time() - started) / 60:.1f} min", flush=True)
+    if args.archive:
+        archive_run(args.archive, name, args.foundation_sha256)
     return name
 
 
@@ -113,6 +191,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each with cores/jobs torch threads (2 on 2 cores: 1.35x the iterations)")
+    p.add_argument("--archive", type=Path, default=None,
+                   help="folder (to commit) that keeps the foundation and every finished run's scores")
     args = p.parse_args()
 
     from nnunetv2_medseqft.scales import get_scale
@@ -127,19 +207,26 @@ def main() -> None:
     from nnunetv2_medseqft.sequence.layout import run_folder
 
     started = time.time()
+    if args.archive:
+        args.archive = args.archive.resolve()
+        restore_foundation(args.archive, workdir)
     f = build_foundation(workdir, scale, args.device, pretrain_trainer=args.pretrain_trainer)
-    todo = [(m, s) for s in args.seeds for m in args.methods]
+    if args.archive:
+        args.foundation_sha256 = archive_foundation(args.archive, workdir, f)
+    names = [run_name(m, s, args.fold) for s in args.seeds for m in args.methods]
+    todo = [(m, s) for s in args.seeds for m in args.methods if not _archived(args.archive, run_name(m, s, args.fold))]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # in order: a seed's methods finish before the next seed
-        names = list(pool.map(lambda ms: run_method(args, f, *ms), todo))
-    folders = [run_folder(n) for n in names]
+        list(pool.map(lambda ms: run_method(args, f, *ms), todo))
+    folders = [str(args.archive / "runs" / n) if _archived(args.archive, n) else run_folder(n) for n in names]
     rows = compare_rows([load_results(d) for d in folders])
     report = write_report(folders, out=str(workdir / "fidelity_report"))
     per_seed, means = differences(rows)
-    compute = {m: _compute(rn, args.iterations * args.epochs) for m, rn in _by_method(names).items()}
+    compute = {m: _compute([folders[names.index(n)] for n in rn], args.epochs, args.iterations)
+               for m, rn in _by_method(names).items()}
     budget = {"pretrain_trainer": args.pretrain_trainer or scale.pretrain_trainer, "tasks": args.tasks, "fold": args.fold,
               "unseen": args.unseen, "seeds": args.seeds, "epochs": args.epochs, "iterations": args.iterations,
-              "mds_repeats": args.mds_repeats, "device": args.device, "jobs": args.jobs, "machine": platform.processor() or
-              platform.machine(), "hours": round((time.time() - started) / 3600, 2)}
+              "mds_repeats": args.mds_repeats, "device": args.device, "jobs": args.jobs, "machine": _machine(),
+              "hours": round((time.time() - started) / 3600, 2)}
     print()
     print(markdown_table(rows))
     print()
@@ -162,17 +249,27 @@ def _by_method(names: list[str]) -> dict:
     return out
 
 
-def _compute(run_names: list[str], iterations_per_training: int) -> dict:
-    """Per seed: training iterations (stage A + B: MedSeqFT takes both out of one budget; a shared M0 reference
-    counts for the run that trained it) and minutes, from the run's manifest (train steps, and all steps)."""
-    from nnunetv2_medseqft.sequence.layout import run_folder
+def _machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
+
+def _archived(archive: Path | None, name: str) -> bool:
+    return bool(archive) and (archive / "runs" / name / "results.json").is_file()
+
+
+def _compute(folders: list[str], epochs: int, iterations: int) -> dict:
+    """Per seed: training iterations (the epochs each task model logged, stage B included; ``epochs`` for each
+    unseen-task model; a shared M0 reference counts for the run that trained it) and minutes from the run's
+    manifest (train steps, and all steps)."""
     per = []
-    for n in run_names:
-        steps = json.loads((Path(run_folder(n)) / "manifest.json").read_text())["steps"]
+    for folder in folders:
+        steps = json.loads((Path(folder) / "manifest.json").read_text())["steps"]
+        curves = json.loads((Path(folder) / "results.json").read_text()).get("curves", {})
         train = [s for k, s in steps.items()
                  if k.startswith("train/") or (k.startswith("unseen/") and not k.endswith("/evaluate"))]
-        per.append((len(train) * iterations_per_training, sum(s.get("seconds") or 0 for s in train) / 60,
+        n_unseen = sum(k.startswith("unseen/") and not k.endswith("/evaluate") for k in steps)
+        task_epochs = sum(len(c.get("train_losses", [])) for c in curves.values())
+        per.append(((task_epochs + n_unseen * epochs) * iterations, sum(s.get("seconds") or 0 for s in train) / 60,
                     sum(s.get("seconds") or 0 for s in steps.values()) / 60))
     mean = [round(sum(v) / len(v), 1) for v in zip(*per)]
     return {"iterations": int(mean[0]), "train_minutes": mean[1], "wall_minutes": mean[2]}

@@ -1,148 +1,165 @@
-"""GPU readiness of the stage-B step (CUDA + AMP + LoRA + feature hooks, torch.compile) at a real nnU-Net size.
+"""The stage-B step against a stock nnU-Net step on a GPU, at nnU-Net's real size (on demand, on a CUDA machine).
 
-On demand, on a CUDA machine: ``python benchmarks/gpu_check.py [--patch 128] [--steps 10]``.
-Network: nnU-Net's default 3d_fullres PlainConvUNet for a CT patch (6 stages, 32..320 features),
-batch 2. Compares, in one process, a stock FFT step with the MedSeqFT stage-B step (LoRA student as peft's
-branch and as one conv with the merged weight,
-F_t teacher on the batch, M_(t-1) teacher on one buffer sample). The segmentation loss is CE on the
-full-resolution output (nnU-Net's Dice+CE needs the whole nnU-Net install; its cost is the same in
-both steps). The LAST line is a JSON object.
+``python benchmarks/gpu_check.py [--patch 128] [--steps 10] [--compile]``
+
+Network: nnU-Net's default 3d_fullres PlainConvUNet for a CT patch (6 stages, 32..320 features), batch 2, AMP.
+The FFT step is nnUNetTrainer.train_step's arithmetic: deep-supervision Dice+CE (nnU-Net's own loss classes),
+GradScaler, gradient clipping at 12, SGD with Nesterov momentum 0.99 (``backward_and_step``, the trainers' own).
+The stage-B step is the trainers' ``RFTStage.train_step`` itself (LoRA student as one conv with W + BA, the
+teachers and taps as the readings say), with one of the two samples from the buffer (the default
+buffer_share 0.5). What the data loader costs is the same for both steps and is left out. Arms: the default
+readings and the costlier ones (``k_layers=all``; ``g_layers=all`` as well: the readings of the 2026-11-26 check).
+Steps are timed in alternating blocks (FFT, each arm, FFT, ...) and the median of each is kept.
+``--compile``: the same with the FFT network and the student compiled (torch.compile, as nnU-Net does on a GPU).
+The LAST line is a JSON object: ``rft_step_ratio`` (default readings / FFT) and every arm's seconds and ratio.
 """
+
+from __future__ import annotations
 
 import argparse
 import copy
 import json
 import statistics
+import sys
 import time
+import types
+from pathlib import Path
 
+import numpy as np
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-from nnunetv2_medseqft import adapters as lora
-from nnunetv2_medseqft.method.distill import FeatureTaps, feature_distance
 from nnunetv2_medseqft.method.settings import RFTSettings
+from nnunetv2_medseqft.trainers.stages import RFTStage
+from nnunetv2_medseqft.trainers.steps import backward_and_step
+
+STRIDES = (1, 2, 2, 2, 2, 2)
+ARMS = {"default": {}, "k_layers=all": {"k_layers": "all"},
+        "k_layers=all,g_layers=all": {"k_layers": "all", "g_layers": "all"}}
 
 
 def build(n_classes=3):
-    return PlainConvUNet(1, 6, (32, 64, 128, 256, 320, 320), torch.nn.Conv3d, 3, (1, 2, 2, 2, 2, 2), 2, n_classes,
+    return PlainConvUNet(1, 6, (32, 64, 128, 256, 320, 320), torch.nn.Conv3d, 3, STRIDES, 2, n_classes,
                          2, True, torch.nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None,
                          torch.nn.LeakyReLU, {"inplace": True}, deep_supervision=True)
 
 
-def timed(step, steps):
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
+def nnunet_loss():
+    """nnUNetTrainer._build_loss for a label map without regions: weights 1/2^i over the outputs, last one 0."""
+    loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                          weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    w = np.array([1 / 2 ** i for i in range(len(STRIDES) - 1)])
+    w[-1] = 0
+    return DeepSupervisionWrapper(loss, w / w.sum())
+
+
+def trainer_for(network, params, device):
+    """What ``backward_and_step`` and ``RFTStage.train_step`` read of an nnUNetTrainer."""
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None  # as nnUNetTrainer
+    return types.SimpleNamespace(device=device, network=network, loss=nnunet_loss(), grad_scaler=scaler,
+                                 optimizer=torch.optim.SGD(params, 1e-2, momentum=0.99, nesterov=True),
+                                 buffer_keys=["buffer_case"])
+
+
+def fft_step(trainer, batch):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", enabled=trainer.device.type == "cuda"):
+        loss = trainer.loss(trainer.network(batch["data"]), batch["target"])
+    backward_and_step(trainer, loss)
+    return loss
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+
+def timed_blocks(steps: dict, n: int, rounds: int = 3) -> dict:
+    """Median seconds per step of each callable, timed in alternating blocks of n after 3 warm-ups each."""
+    for f in steps.values():
+        for _ in range(3):
+            f()
+    sync()
+    times = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, f in steps.items():
+            for _ in range(n):
+                t0 = time.perf_counter()
+                f()
+                sync()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_gib(f) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    f()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patch", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed block (3 blocks per variant)")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script, not a measurement")
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     torch.manual_seed(0)
-    x = torch.randn(2, 1, args.patch, args.patch, args.patch, device=dev)
-    y = torch.randint(0, 3, (2, args.patch, args.patch, args.patch), device=dev)
-    ce = torch.nn.CrossEntropyLoss()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "patch": args.patch, "batch": 2}
-
-    def make_step(net, params, extra=None):
-        opt = torch.optim.SGD(params, 1e-2, momentum=0.99, nesterov=True)
-        scaler = torch.amp.GradScaler("cuda")
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda"):
-                out = net(x)[0]
-                loss = ce(out, y) + (extra() if extra else 0)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            scaler.step(opt)
-            scaler.update()
-            return loss
-        return step
+    p = args.patch
+    x = torch.randn(2, 1, p, p, p, device=dev)
+    y = torch.randint(0, 3, (2, 1, p, p, p), device=dev).float()
+    targets = [y] + [torch.nn.functional.interpolate(y, scale_factor=0.5 ** i, mode="nearest") for i in range(1, 5)]
+    batch = {"data": x, "target": targets, "keys": ["buffer_case", "task_case"]}
+    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "patch": p, "batch": 2,
+              "compile": args.compile}
 
     base = build().to(dev)
-    plain = copy.deepcopy(base)
-    result["fft_step_s"] = timed(make_step(plain, list(plain.parameters())), args.steps)
-    torch.cuda.reset_peak_memory_stats()
-    timed(make_step(plain, list(plain.parameters())), 2)
-    result["fft_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    states = {name: copy.deepcopy(base).state_dict() for name in ("M0", "M_prev", "F_t")}
 
-    s = RFTSettings()
-    teacher_fft, teacher_prev = copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
-    for t in (teacher_fft, teacher_prev):
-        t.requires_grad_(False)
-    tf, tp = FeatureTaps(teacher_fft), FeatureTaps(teacher_prev)
+    def build_network(state):
+        net = build().to(dev)
+        net.load_state_dict(state)
+        return net
 
-    def stage_b(merged_weight_forward):
-        student = lora.add_lora(copy.deepcopy(base), s.lora_rank, s.lora_alpha, s.lora_targets,
-                                merged_weight_forward=merged_weight_forward)
-        taps = FeatureTaps(student)
-
-        def distill():
-            feats = taps.collect()
-            with torch.no_grad():
-                teacher_fft(x)
-                teacher_prev(x[1:])
-            return feature_distance(feats, tf.collect()) + feature_distance([f[1:] for f in feats], tp.collect())
-
-        params = [p for p in student.parameters() if p.requires_grad]
-        return student, taps, make_step(student, params, distill), params, distill
-
-    students = {}
-    for label, merged_forward in (("peft_branch", False), ("merged_weight", True)):
-        student, taps, step_b, params, distill = stage_b(merged_forward)
-        students[label] = (student, taps)
-        result[f"rft_{label}_step_s"] = timed(step_b, args.steps)
-        torch.cuda.reset_peak_memory_stats()
-        timed(step_b, 2)
-        result[f"rft_{label}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result[f"rft_{label}_step_ratio"] = result[f"rft_{label}_step_s"] / result["fft_step_s"]
-    # teacher cost alone (no_grad forwards of F_t on the batch and M_(t-1) on one sample)
-    def teachers():
-        with torch.no_grad(), torch.autocast("cuda"):
-            teacher_fft(x)
-            teacher_prev(x[1:])
-        tf.collect()
-        tp.collect()
-    result["teachers_fwd_s"] = timed(teachers, args.steps)
-    loss = step_b()
-    result["amp_loss_finite"] = bool(torch.isfinite(loss).item())
-
-    with torch.no_grad(), torch.autocast("cuda", enabled=False):
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # true fp32
-        branch, branch_taps = students["peft_branch"]  # trained above: its B factors are non-zero
-        unmerged = branch(x)[0].float()
-        branch_taps.collect()
-        merged_net = build().to(dev)
-        merged_net.load_state_dict(lora.merged_state_dict(branch))
-        result["merge_max_abs_diff_fp32"] = (merged_net(x)[0].float() - unmerged).abs().max().item()
-        result["logit_abs_max"] = unmerged.abs().max().item()
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-
-    try:
-        compiled = torch.compile(student)
-        step_c = make_step(compiled, params, distill)
+    plain = build_network(states["F_t"])
+    fft = trainer_for(torch.compile(plain) if args.compile else plain, list(plain.parameters()), dev)
+    steps = {"fft": lambda: fft_step(fft, batch)}
+    stages = {}
+    for arm, readings in ARMS.items():
+        stage = RFTStage(build_network, states["M_prev"], states["F_t"], RFTSettings(**readings), distill=True,
+                         g_teacher=states["M0"])
+        student = stage.student
+        params = [q for q in student.parameters() if q.requires_grad]
+        tr = trainer_for(torch.compile(student) if args.compile else student, params, dev)
+        stages[arm] = (stage, tr)
+        steps[arm] = lambda stage=stage, tr=tr: stage.train_step(tr, batch)
+    if args.compile:
         t0 = time.perf_counter()
-        step_c()
-        torch.cuda.synchronize()
-        result["compile_first_step_s"] = time.perf_counter() - t0
-        result["compile_rft_step_s"] = timed(step_c, args.steps)
-        result["compile_with_lora_and_hooks"] = "ok"
-    except Exception as e:  # recorded, not hidden: the trainers keep compile off
-        result["compile_with_lora_and_hooks"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-    print(json.dumps(result))
+        for f in steps.values():
+            f()
+        sync()
+        result["compile_first_steps_s"] = round(time.perf_counter() - t0, 1)
+    seconds = timed_blocks(steps, args.steps)
+    result["fft_step_s"] = seconds["fft"]
+    result["fft_peak_gib"] = peak_gib(steps["fft"])
+    for arm in ARMS:
+        result[f"rft[{arm}]_step_s"] = seconds[arm]
+        result[f"rft[{arm}]_step_ratio"] = seconds[arm] / seconds["fft"]
+        result[f"rft[{arm}]_peak_gib"] = peak_gib(steps[arm])
+    out = stages["default"][0].train_step(stages["default"][1], batch)
+    result["default_losses_finite"] = bool(np.isfinite(out["loss"]).all() and np.isfinite(out["medseqft_k"]))
+    result["rft_step_ratio"] = result["rft[default]_step_ratio"]
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
     main()

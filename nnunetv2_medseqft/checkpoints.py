@@ -38,6 +38,15 @@ def with_head(body: dict, head: dict) -> dict:
     return {**body_of(body), **head_of(head)}
 
 
+ENCODER_PREFIXES = ("encoder.", "decoder.encoder.")  # dynamic_network_architectures' U-Nets: the decoder holds
+# a reference to the encoder, so its weights appear under both names
+
+
+def with_decoder(encoder: dict, decoder: dict) -> dict:
+    """Weights of ``encoder``'s encoder with the decoder and segmentation head of ``decoder`` (same network)."""
+    return {k: (encoder if k.startswith(ENCODER_PREFIXES) else decoder)[k] for k in decoder}
+
+
 def state_fingerprint(state_dict: dict) -> str:
     """Content hash of weights (ignores the task-specific segmentation head)."""
     h = hashlib.sha256()

@@ -104,3 +104,33 @@ def test_encoder_taps_fill_from_the_encoder_alone(network):
 def test_negative_lambdas_refused():
     with pytest.raises(MedSeqFTError, match="lambda_k and lambda_g must be >= 0"):
         RFTSettings(lambda_g=-1.0)
+
+
+def test_with_decoder_puts_one_models_encoder_under_anothers_decoder(network):
+    """The encoder-only R matrix: a later body's encoder runs under an earlier task's own decoder and head."""
+    from nnunetv2_medseqft.checkpoints import with_decoder
+    from nnunetv2_medseqft.evaluation.metrics import encoder_bwt
+
+    net, x = network
+    early, late = copy.deepcopy(net).state_dict(), copy.deepcopy(net)
+    with torch.no_grad():
+        for p in late.parameters():
+            p.add_(0.1)
+    late = late.state_dict()
+    mixed = copy.deepcopy(net)
+    mixed.load_state_dict(with_decoder(late, early), strict=True)
+    for name, value in mixed.state_dict().items():
+        source = late if name.startswith(("encoder.", "decoder.encoder.")) else early
+        assert torch.equal(value, source[name]), name
+    assert any(n.startswith("decoder.stages.") for n in early) and any(n.startswith("encoder.") for n in early)
+    # the encoder's features are the late model's, the output the early decoder's on them
+    with torch.no_grad():
+        late_net = copy.deepcopy(net)
+        late_net.load_state_dict(late)
+        assert torch.allclose(mixed.encoder(x)[-1], late_net.encoder(x)[-1])
+        assert not torch.allclose(mixed(x)[0], late_net(x)[0])
+    # BWT of the encoder: final row of the encoder-only matrix against each task's own score
+    r = [[0.0, 0.0, 0.0], [80.0, 5.0, 1.0], [0.0, 70.0, 2.0], [0.0, 0.0, 60.0]]
+    r_encoder = [[None] * 3, [80.0, None, None], [75.0, 70.0, None], [72.0, 64.0, 60.0]]
+    assert encoder_bwt(r, r_encoder) == pytest.approx(((72 - 80) + (64 - 70)) / 2)
+    assert encoder_bwt(r, [[None] * 3] * 4) is None and encoder_bwt(r[:2], r_encoder[:2]) is None

@@ -149,6 +149,10 @@ def test_medseqft_run_results_are_in_range(nnunet, medseqft_run):
     assert summary["acc"] == pytest.approx(sum(r["dice"][2]) / 2)
     assert summary["bwt"] == pytest.approx(r["dice"][2][0] - r["dice"][1][0])
     assert summary["fwt"] == pytest.approx(r["dice"][1][1] - r["dice"][0][1])
+    # encoder-only R: the liver's own decoder and head under the spleen body's encoder
+    enc = r["dice_encoder"]
+    assert enc[0] == [None, None] and enc[1] == [r["dice"][1][0], None] and enc[2][1] == r["dice"][2][1]
+    assert 0 <= enc[2][0] <= 100 and summary["bwt_encoder"] == pytest.approx(enc[2][0] - r["dice"][1][0])
     curves = results["curves"]["Dataset502_MSFTSpleen"]
     # rft budget=fft_full: stage A has the run's 4 epochs (as FFT alone), stage B its 2 on top
     assert len(curves["train_losses"]) == 6 and curves["stage_b_start"] == 4

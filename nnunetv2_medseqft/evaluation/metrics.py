@@ -58,4 +58,12 @@ def continual_metrics(r: list[list[float | None]]) -> dict:
     return {"acc": acc, "bwt": bwt, "fwt": fwt}
 
 
-# ---------------------------------------------------------------- one task's validation data
+def encoder_bwt(r: list[list[float | None]], r_encoder: list[list[float | None]]) -> float | None:
+    """BWT of the encoder alone: mean over j < T of r_encoder[T][j] - R[j][j], where r_encoder[T][j] is the final
+    body's encoder with task j's own decoder and head (rows as in ``continual_metrics``)."""
+    t = len(r) - 1
+    if t < 2:
+        return None
+    pairs = [(r_encoder[t][j], r[j + 1][j]) for j in range(t - 1)]
+    return None if any(a is None or b is None for a, b in pairs) else float(np.mean([a - b for a, b in pairs]))
+

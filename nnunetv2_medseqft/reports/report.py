@@ -26,6 +26,7 @@ METRICS = {
     "mean_hd95": "HD95 (mm)",
     "acc": "ACC",
     "bwt": "BWT",
+    "bwt_encoder": "BWT (encoder)",
     "fwt": "FWT",
     "unseen_run": "Unseen Dice (run)",
     "unseen_m0": "Unseen Dice (M0)",
@@ -36,6 +37,8 @@ DEFINITIONS = (
     "R[i][j] is the Dice on task j of the body after step i (row 0 = the foundation M0), each with task j's head. "
     "**ACC** = mean over tasks of the last row. "
     "**BWT** = mean over j < T of R[T][j] - R[j][j] (negative = forgetting). "
+    "**BWT (encoder)**: the same with the final body's encoder under task j's own decoder and head, so that only "
+    "what the encoder forgot counts. "
     "**FWT** = mean over j >= 2 of R[j-1][j] - R[0][j]: the body before task j against the foundation body. "
     "Unseen values are averaged over the unseen datasets; the gain is from-run minus from-M0. "
     "Each cell is the mean ± sd over seeds (sd only with more than one seed)."
@@ -110,6 +113,7 @@ def _seed_values(results: dict) -> dict:
         "mean_hd95": _num(summary.get("mean_hd95")),
         "acc": _num(summary.get("acc")),
         "bwt": _num(summary.get("bwt")),
+        "bwt_encoder": _num(summary.get("bwt_encoder")),
         "fwt": _num(summary.get("fwt")),
         "unseen_run": _mean(run),
         "unseen_m0": _mean(m0),
@@ -430,6 +434,8 @@ def _run_section(folder: str, results: dict, label: str, out: str) -> list:
          "M is the exported task model M_t; F the stage-A full-fine-tuning model F_t (only some methods have it)."),
         ("R matrix (Dice)", _matrix_table(results, "dice"), None),
         ("R matrix (HD95, mm)", _matrix_table(results, "hd95"), None),
+        ("R matrix, encoder only (Dice)", _matrix_table(results, "dice_encoder"),
+         "The body's encoder with task j's own decoder and head (below the diagonal): what the encoder forgot."),
         ("Unseen transfer (Dice)", _unseen_table(results),
          "Models for each unseen dataset, started from the run's final body and from the foundation M0."),
     ]
@@ -441,7 +447,8 @@ def _run_section(folder: str, results: dict, label: str, out: str) -> list:
         lines += ["### Dice per acquisition site", "", "Exported model M_t; sites as `sites.json` names them.", "",
                   sites, ""]
     summary = results.get("summary") or {}
-    lines += [f"ACC {_fmt(summary.get('acc'))}, BWT {_fmt(summary.get('bwt'))}, FWT {_fmt(summary.get('fwt'))}.", ""]
+    lines += [f"ACC {_fmt(summary.get('acc'))}, BWT {_fmt(summary.get('bwt'))}, "
+              f"BWT (encoder) {_fmt(summary.get('bwt_encoder'))}, FWT {_fmt(summary.get('fwt'))}.", ""]
     lines += _image(plot_r_matrix(results, os.path.join(out, f"r_matrix_{label}.png")), out, "R matrix")
     curves = plot_curves(results, os.path.join(out, f"curves_{label}.png"))
     if curves:

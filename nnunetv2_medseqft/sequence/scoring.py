@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from nnunetv2_medseqft.checkpoints import with_head
-from nnunetv2_medseqft.evaluation.metrics import continual_metrics
+from nnunetv2_medseqft.checkpoints import with_decoder, with_head
+from nnunetv2_medseqft.evaluation.metrics import continual_metrics, encoder_bwt
 from nnunetv2_medseqft.evaluation.validation import ValidationSet, load_weights, training_curves
 from nnunetv2_medseqft.jsonio import read_json, write_json_atomic
 from nnunetv2_medseqft.paths import portable, raw_dataset_json
@@ -77,9 +77,18 @@ class ScoringSteps:
             for i, body in enumerate(bodies):
                 s = val.score(with_head(body, head))["mean"]
                 dice[i][j], hd95[i][j] = s["dice"], s["hd95"]
+        # forgetting in the encoder alone: a later body's encoder under task j's own decoder and head (the
+        # decoder of a chain is re-trained by every task, so with task j's head alone R shows little but that)
+        encoder = [[dice[i][j] if i == j + 1 else None for j in range(len(tasks))] for i in range(len(bodies))]
+        for j, d in enumerate(tasks[:-1]):
+            val = self._validation(d)
+            for i in range(j + 2, len(bodies)):
+                encoder[i][j] = val.score(with_decoder(bodies[i], bodies[j + 1]))["mean"]["dice"]
         results = self._results()
-        results["R"] = {"rows": ["M0"] + list(tasks), "cols": list(tasks), "dice": dice, "hd95": hd95}
-        results["summary"] = {**continual_metrics(dice), **self._mean_scores(results)}
+        results["R"] = {"rows": ["M0"] + list(tasks), "cols": list(tasks), "dice": dice, "hd95": hd95,
+                        "dice_encoder": encoder}
+        results["summary"] = {**continual_metrics(dice), "bwt_encoder": encoder_bwt(dice, encoder),
+                              **self._mean_scores(results)}
         self.log("  " + ", ".join(f"{k.upper()} {v:.1f}" for k, v in results["summary"].items() if v is not None))
         return self._save_results(results)
 
@@ -110,5 +119,6 @@ class ScoringSteps:
             self.log(f"  {d}: Dice of the multitask model {_pts(results['scores'][d]['M']['mean']['dice'])}")
         results["curves"][union] = training_curves(self._task_model(union))
         dice = [results["scores"][d]["M"]["mean"]["dice"] for d in self.request.datasets]
-        results["summary"] = {"acc": _mean(dice), "bwt": None, "fwt": None, **self._mean_scores(results)}
+        results["summary"] = {"acc": _mean(dice), "bwt": None, "fwt": None, "bwt_encoder": None,
+                              **self._mean_scores(results)}
         return self._save_results(results)
