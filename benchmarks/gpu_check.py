@@ -8,7 +8,8 @@ GradScaler, gradient clipping at 12, SGD with Nesterov momentum 0.99 (``backward
 The stage-B step is the trainers' ``RFTStage.train_step`` itself (LoRA student as one conv with W + BA, the
 teachers and taps as the readings say), with one of the two samples from the buffer (the default
 buffer_share 0.5). What the data loader costs is the same for both steps and is left out. Arms: the default
-readings and the costlier ones (``k_layers=all``; ``g_layers=all`` as well: the readings of the 2026-11-26 check).
+readings and the costlier ones (``k_layers=all``; ``g_layers=all`` as well: the readings of the 2026-11-26 check);
+``--arms`` chooses others, and ``no-teachers`` times the LoRA student alone (the rest is what the teachers add).
 Steps are timed in alternating blocks (FFT, each arm, FFT, ...) and the median of each is kept.
 ``--compile``: the same with the FFT network and the student compiled (torch.compile, as nnU-Net does on a GPU).
 The LAST line is a JSON object: ``rft_step_ratio`` (default readings / FFT) and every arm's seconds and ratio.
@@ -37,8 +38,14 @@ from nnunetv2_medseqft.trainers.stages import RFTStage
 from nnunetv2_medseqft.trainers.steps import backward_and_step
 
 STRIDES = (1, 2, 2, 2, 2, 2)
-ARMS = {"default": {}, "k_layers=all": {"k_layers": "all"},
-        "k_layers=all,g_layers=all": {"k_layers": "all", "g_layers": "all"}}
+ARMS = ("default", "k_layers=all", "k_layers=all,g_layers=all")
+NO_TEACHERS = "no-teachers"  # the LoRA student alone (RFTStage with distill off): what the teachers add is the rest
+
+
+def readings(arm: str) -> dict:
+    from nnunetv2_medseqft.method.settings import key_value
+
+    return {} if arm in ("default", NO_TEACHERS) else dict(key_value(kv) for kv in arm.split(","))
 
 
 def build(n_classes=3):
@@ -104,11 +111,62 @@ def peak_gib(f) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def _distance_with_float32_copies(student, teacher, eps=1e-6):
+    """feature_distance as it was before 2026-12-04 (float32 copies of every feature map): the reference."""
+    terms = [((s.float() - t.float()) ** 2).mean() / ((t.float() ** 2).mean() + eps) for s, t in zip(student, teacher)]
+    return torch.stack(terms).mean()
+
+
+def parts(stage, x, n: int) -> dict:
+    """Seconds of the pieces of the default stage-B step, each timed alone: the teachers' encoder forwards (as
+    they run, and in channels_last_3d), and the knowledge distance forward + backward (now, and with float32 copies)."""
+    from nnunetv2_medseqft.method.distill import feature_distance
+    from nnunetv2_medseqft.trainers.stages import _part
+
+    t_fft, t_prev = _part(stage.teacher_fft, True), _part(stage.teacher_prev, True)
+    one = x[:1]
+
+    def teachers():
+        with torch.no_grad(), torch.autocast("cuda"):
+            t_fft(x)
+            t_prev(one)
+
+    with torch.no_grad(), torch.autocast("cuda"):
+        t_fft(x)
+        teacher_feats = stage.taps["fft"].collect()
+    student_feats = [(f + 0.01 * torch.randn_like(f)).detach().requires_grad_(True) for f in teacher_feats]
+
+    def distance(fn):
+        def run():
+            with torch.autocast("cuda"):
+                fn(student_feats, teacher_feats).backward()
+        return run
+
+    out = timed_blocks({"teachers": teachers, "distance": distance(feature_distance),
+                        "distance_fp32_copies": distance(_distance_with_float32_copies)}, n)
+    for t in (t_fft, t_prev):
+        t.to(memory_format=torch.channels_last_3d)
+    x_cl, one_cl = (v.contiguous(memory_format=torch.channels_last_3d) for v in (x, one))
+
+    def teachers_cl():
+        with torch.no_grad(), torch.autocast("cuda"):
+            t_fft(x_cl)
+            t_prev(one_cl)
+    out["teachers_channels_last"] = timed_blocks({"t": teachers_cl}, n)["t"]
+    for t in (t_fft, t_prev):
+        t.to(memory_format=torch.contiguous_format)
+    for taps in stage.taps.values():
+        taps._outputs = {}  # what the timing loops left behind
+    return {f"part_{k}_s": v for k, v in out.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10, help="steps per timed block (3 blocks per variant)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS),
+                    help=f"stage-B readings to time: default, {NO_TEACHERS}, or KEY=VALUE[,KEY=VALUE...]")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script, not a measurement")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -133,9 +191,10 @@ def main():
     fft = trainer_for(torch.compile(plain) if args.compile else plain, list(plain.parameters()), dev)
     steps = {"fft": lambda: fft_step(fft, batch)}
     stages = {}
-    for arm, readings in ARMS.items():
-        stage = RFTStage(build_network, states["M_prev"], states["F_t"], RFTSettings(**readings), distill=True,
-                         g_teacher=states["M0"])
+    arms = list(dict.fromkeys(["default"] + args.arms))
+    for arm in arms:
+        stage = RFTStage(build_network, states["M_prev"], states["F_t"], RFTSettings(**readings(arm)),
+                         distill=arm != NO_TEACHERS, g_teacher=states["M0"])
         student = stage.student
         params = [q for q in student.parameters() if q.requires_grad]
         tr = trainer_for(torch.compile(student) if args.compile else student, params, dev)
@@ -150,10 +209,11 @@ def main():
     seconds = timed_blocks(steps, args.steps)
     result["fft_step_s"] = seconds["fft"]
     result["fft_peak_gib"] = peak_gib(steps["fft"])
-    for arm in ARMS:
+    for arm in arms:
         result[f"rft[{arm}]_step_s"] = seconds[arm]
         result[f"rft[{arm}]_step_ratio"] = seconds[arm] / seconds["fft"]
         result[f"rft[{arm}]_peak_gib"] = peak_gib(steps[arm])
+    result.update(parts(stages["default"][0], x, args.steps))
     out = stages["default"][0].train_step(stages["default"][1], batch)
     result["default_losses_finite"] = bool(np.isfinite(out["loss"]).all() and np.isfinite(out["medseqft_k"]))
     result["rft_step_ratio"] = result["rft[default]_step_ratio"]

@@ -85,6 +85,21 @@ def test_feature_distance_zero_for_equal_models_positive_otherwise(network):
     assert feature_distance(taps_s.collect(), taps_t.collect()).item() > 1e-4
 
 
+def test_feature_distance_is_the_float32_definition_and_has_a_zero_gradient_at_equality():
+    """mean over layers of mean((s - t)^2) / (mean(t^2) + eps), also for half-precision features (AMP)."""
+    g = torch.Generator().manual_seed(0)
+    s = [torch.randn(2, 4, 8, 8, 8, generator=g), 3 * torch.randn(2, 8, 4, 4, 4, generator=g)]
+    t = [torch.randn(2, 4, 8, 8, 8, generator=g), torch.randn(2, 8, 4, 4, 4, generator=g)]
+    definition = torch.stack([((a - b) ** 2).mean() / ((b ** 2).mean() + 1e-6) for a, b in zip(s, t)]).mean()
+    assert feature_distance(s, t).item() == pytest.approx(definition.item(), rel=1e-5)
+    half = feature_distance([a.half() for a in s], [b.half() for b in t])
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(definition.item(), rel=1e-2)
+    same = [b.clone().requires_grad_(True) for b in t]
+    d = feature_distance(same, t)
+    d.backward()
+    assert d.item() == 0.0 and all(torch.equal(x.grad, torch.zeros_like(x)) for x in same)
+
+
 def test_encoder_taps_fill_from_the_encoder_alone(network):
     """g_layers=encoder: the teacher's taps cover its encoder stages, and running its encoder alone fills them."""
     net, x = network

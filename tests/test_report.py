@@ -29,8 +29,9 @@ def fabricate(method: str, seed: int, dice: float, hd95: float = 5.0, acc: float
         "scores": {t: {"M": scores(dice, hd95), "F": scores(dice - 1, hd95 + 1)} for t in TASKS},
         "R": {"rows": ["M0"] + TASKS, "cols": TASKS,
               "dice": [[12.0, 3.0], [80.0, 10.0], [75.0, 85.0]],
-              "hd95": [[30.0, 40.0], [4.0, 20.0], [5.0, 3.5]]},
-        "summary": {"acc": acc, "bwt": -5.0, "fwt": 7.0, "mean_dice": dice, "mean_hd95": hd95},
+              "hd95": [[30.0, 40.0], [4.0, 20.0], [5.0, 3.5]],
+              "dice_encoder": [[None, None], [80.0, None], [78.0, 85.0]]},
+        "summary": {"acc": acc, "bwt": -5.0, "bwt_encoder": -2.0, "fwt": 7.0, "mean_dice": dice, "mean_hd95": hd95},
         "unseen_scores": {u: {"from_run": {"mean": {"dice": r, "hd95": 9.0}},
                               "from_m0": {"mean": {"dice": m, "hd95": 11.0}}}
                           for u, r, m in zip(UNSEEN, unseen_run, unseen_m0)},
@@ -84,7 +85,8 @@ def test_compare_means_and_sds(four_runs, tmp_path, capsys):
     out_md, out_json = tmp_path / "cmp.md", tmp_path / "cmp.json"
     assert run_cli("compare", four_runs + ["--out", str(out_md), "--json", str(out_json)]) == 0
     printed = capsys.readouterr().out
-    assert "| medseqft | 2 | 82.0 ± 2.8 | 5.0 ± 1.4 | 80.0 ± 2.8 | -5.0 ± 0.0 | 7.0 ± 0.0 | 47.0 ± 2.8 |" in printed
+    assert "| medseqft | 2 | 82.0 ± 2.8 | 5.0 ± 1.4 | 80.0 ± 2.8 | -5.0 ± 0.0 | -2.0 ± 0.0 | 7.0 ± 0.0 | 47.0 ± 2.8 |" \
+        in printed
     assert "| seqfft | 2 | 73.0 ± 4.2 |" in printed
     assert out_md.read_text().strip() == printed.strip()
     saved = json.loads(out_json.read_text())
@@ -130,7 +132,10 @@ def test_single_run_report_defaults_to_run_folder(tmp_path):
     folder = write_run(tmp_path, "solo", fabricate("lora", 3, 70.0))
     path = report.write_report([folder])
     assert path == str(Path(folder) / "report.md")
-    assert "| lora | 1 | 70.0 | 5.0 | 80.0 | -5.0 | 7.0 | 45.0 | 38.0 | 7.0 |" in Path(path).read_text()
+    text = Path(path).read_text()
+    assert "| lora | 1 | 70.0 | 5.0 | 80.0 | -5.0 | -2.0 | 7.0 | 45.0 | 38.0 | 7.0 |" in text
+    encoder = text.split("### R matrix, encoder only (Dice)")[1].split("###")[0]
+    assert "78.0" in encoder and "BWT (encoder) -2.0" in text
     assert_png(Path(folder) / "r_matrix_lora-s3.png")
 
 

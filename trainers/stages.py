@@ -69,11 +69,12 @@ class RFTStage:
         target = [t.to(device, non_blocking=True) for t in batch["target"]] \
             if isinstance(batch["target"], list) else batch["target"].to(device, non_blocking=True)
         buffer = set(trainer.buffer_keys)
-        in_buffer = torch.tensor([k in buffer for k in batch["keys"]], device=device)
+        rows = [i for i, k in enumerate(batch["keys"]) if k in buffer]  # known on the host: a boolean mask on the
+        in_buffer = torch.tensor(rows, dtype=torch.long, device=device)  # device would stall the GPU queue twice
         trainer.optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), device=device)
         use_k = self.distill and self.teacher_fft is not None and s.lambda_k > 0
-        use_g = self.distill and bool(in_buffer.any()) and s.lambda_g > 0
+        use_g = self.distill and bool(rows) and s.lambda_g > 0
         with autocast(device.type, enabled=True) if device.type == "cuda" else dummy_context():
             output = trainer.network(data)  # the student, DDP-wrapped where the trainer runs DDP
             student = self.taps["student"].collect()
@@ -83,11 +84,11 @@ class RFTStage:
                 if use_k:
                     _part(self.teacher_fft, self.k_encoder_only)(data)
                 if use_g:
-                    _part(self.teacher_prev, self.g_encoder_only)(data[in_buffer])
+                    _part(self.teacher_prev, self.g_encoder_only)(data.index_select(0, in_buffer))
             if use_k:
                 l_k = feature_distance([student[i] for i in self._index["fft"]], self.taps["fft"].collect())
             if use_g:
-                l_g = feature_distance([student[i][in_buffer] for i in self._index["prev"]],
+                l_g = feature_distance([student[i].index_select(0, in_buffer) for i in self._index["prev"]],
                                        self.taps["prev"].collect())
             loss = seg + s.lambda_k * l_k + s.lambda_g * l_g
             l_k, l_g = l_k.detach(), l_g.detach()

@@ -52,6 +52,12 @@ class FeatureTaps:
 def feature_distance(student: list[torch.Tensor], teacher: list[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
     """Mean over layers of MSE(student, teacher) / mean(teacher^2): every layer weighs the same, whatever its scale.
 
-    Zero exactly when the features agree; computed in float32 (AMP-safe)."""
-    terms = [((s.float() - t.float()) ** 2).mean() / ((t.float() ** 2).mean() + eps) for s, t in zip(student, teacher)]
+    Zero exactly when the features agree. The sums of squares accumulate in float32 (AMP-safe) inside the
+    reduction, without float32 copies of the full-resolution features (under AMP those copies cost more memory
+    traffic than the distance itself)."""
+    terms = []
+    for s, t in zip(student, teacher):
+        sq_diff = torch.linalg.vector_norm(s - t, dtype=torch.float32) ** 2
+        sq_teacher = torch.linalg.vector_norm(t, dtype=torch.float32) ** 2
+        terms.append(sq_diff / (sq_teacher + eps * t.numel()))
     return torch.stack(terms).mean()
