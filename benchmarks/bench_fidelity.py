@@ -4,13 +4,15 @@ Builds in --workdir (reusing what exists; every ``medseqft run`` resumes where i
 data, the pool planned and a foundation pre-trained at --scale (nnunetv2_medseqft/scales.py), then
 ``medseqft run`` for each method and seed over --tasks sequential tasks and the unseen tasks (not for the
 independent task models of ``parallel``), plus ``scratch`` (parallel FFT from a random initialisation of the same
-network: what pre-training buys).
+network: what pre-training buys) and ``parallel-matched`` (parallel FFT for the epochs of MedSeqFT's stages A + B:
+whether MedSeqFT's gain is more than its extra iterations).
 Prints the per-method table (mean ± sd over seeds), the compute of each method and the paired
 differences per seed.
 
 The LAST line printed is a JSON object:
   medseqft_minus_parallel_dice   mean over seeds of (MedSeqFT - parallel FFT) mean task Dice, points 0-100
   medseqft_minus_seqfft_dice     the same against sequential FFT
+  medseqft_minus_parallel_matched_dice  against parallel FFT trained as many epochs as MedSeqFT's stages A + B
   mds_minus_random_dice          MedSeqFT with the MDS buffer - with a random buffer
   unseen_transfer_minus_m0_dice  MedSeqFT: unseen-task Dice from the final body - from M0
   unseen_medseqft_minus_seqfft_dice  unseen-task Dice from MedSeqFT's final body - from seqFFT's
@@ -48,14 +50,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from nnunetv2_medseqft.method.settings import RFTSettings  # noqa: E402
+
 from bench_mds import POOL_ID, add_scale_args, build_foundation, random_init_foundation, set_env  # noqa: E402
 
-ALL_METHODS = ("medseqft", "seqfft", "parallel", "random-buffer", "lora", "multitask", "scratch")
-NO_UNSEEN = ("parallel", "scratch")  # independent task models: the last one is no "final body" of a sequence
+ALL_METHODS = ("medseqft", "seqfft", "parallel", "random-buffer", "scratch", "parallel-matched", "lora", "multitask")
+# independent task models: the last one is no "final body" of a sequence
+NO_UNSEEN = ("parallel", "scratch", "parallel-matched")
 DIFFERENCES = {"medseqft_minus_parallel_dice": ("medseqft", "parallel", "mean_dice"),
                "medseqft_minus_seqfft_dice": ("medseqft", "seqfft", "mean_dice"),
                "mds_minus_random_dice": ("medseqft", "random-buffer", "mean_dice"),
                "pretraining_gain_dice": ("parallel", "scratch", "mean_dice"),
+               "medseqft_minus_parallel_matched_dice": ("medseqft", "parallel-matched", "mean_dice"),
                "unseen_medseqft_minus_seqfft_dice": ("medseqft", "seqfft", "unseen_run"),
                "bwt_medseqft_minus_seqfft": ("medseqft", "seqfft", "bwt"),
                "bwt_encoder_medseqft_minus_seqfft": ("medseqft", "seqfft", "bwt_encoder")}
@@ -131,11 +137,14 @@ def run_method(args, f: Path, method: str, seed: int) -> str:
     unseen = [str(POOL_ID + 5 + i) for i in range(args.unseen)]
     if method in NO_UNSEEN:  # no sequence whose final body could pass anything on: its unseen runs would cost
         unseen = []          # two trainings per task and answer nothing the goals ask
+    epochs = args.epochs
     if method == "scratch":  # parallel FFT from a random initialisation
         f, method = random_init_foundation(f, seed), "parallel"
+    if method == "parallel-matched":  # parallel FFT for as many epochs as MedSeqFT's stages A + B (budget=fft_full)
+        method, epochs = "parallel", epochs + RFTSettings().stage_b_extra_epochs(epochs)
     cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", str(f), "--datasets", *tasks,
            "--method", method, "--name", name, "--seed", str(seed), "--fold", args.fold, "--device", args.device,
-           "--epochs", str(args.epochs), "--iterations", str(args.iterations), "--val-iterations",
+           "--epochs", str(epochs), "--iterations", str(args.iterations), "--val-iterations",
            str(args.val_iterations), "--mds", f"repeats={args.mds_repeats}", *get_scale(args.scale).recipe_args()]
     if unseen:
         cmd += ["--unseen", *unseen]
@@ -218,8 +227,9 @@ def main() -> None:
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # in order: a seed's methods finish before the next seed
         list(pool.map(lambda ms: run_method(args, f, *ms), todo))
     folders = [str(args.archive / "runs" / n) if _archived(args.archive, n) else run_folder(n) for n in names]
-    rows = compare_rows([load_results(d) for d in folders])
-    report = write_report(folders, out=str(workdir / "fidelity_report"))
+    labels = [n[len("fidelity-"):].rsplit("-s", 1)[0] for n in names]  # scratch & co. run as method parallel
+    rows = compare_rows([{**load_results(d), "method": label} for d, label in zip(folders, labels)])
+    report = write_report(folders, out=str(workdir / "fidelity_report"), labels=labels)
     per_seed, means = differences(rows)
     compute = {m: _compute([folders[names.index(n)] for n in rn], args.epochs, args.iterations)
                for m, rn in _by_method(names).items()}

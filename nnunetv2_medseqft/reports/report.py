@@ -476,13 +476,16 @@ def default_out(run_folders) -> str:
                         "pass --out DIR for a report across several runs.")
 
 
-def write_report(run_folders, out: str | None = None) -> str:
-    """Write ``report.md`` and its PNGs into ``out`` (default: the folder of a single run); returns report.md's path."""
+def write_report(run_folders, out: str | None = None, labels: list[str] | None = None) -> str:
+    """Write ``report.md`` and its PNGs into ``out`` (default: the folder of a single run); returns report.md's path.
+    ``labels``: the name each run's row goes under instead of its method (a benchmark's variants of one method)."""
     run_folders = list(run_folders)
     if not run_folders:
         raise MedSeqFTError("No run given: name at least one run folder.")
     out = os.path.abspath(out or default_out(run_folders))
     results_list = [load_results(f) for f in run_folders]
+    for results, label in zip(results_list, labels or []):
+        results["method"] = label
     rows = compare_rows(results_list)  # refuses a duplicate (method, seed) before anything is written
     os.makedirs(out, exist_ok=True)
 
