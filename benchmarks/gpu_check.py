@@ -176,7 +176,8 @@ def main():
     y = torch.randint(0, 3, (2, 1, p, p, p), device=dev).float()
     targets = [y] + [torch.nn.functional.interpolate(y, scale_factor=0.5 ** i, mode="nearest") for i in range(1, 5)]
     batch = {"data": x, "target": targets, "keys": ["buffer_case", "task_case"]}
-    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "patch": p, "batch": 2,
+    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+              "patch": p, "batch": 2,
               "compile": args.compile}
 
     base = build().to(dev)

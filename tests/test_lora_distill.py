@@ -1,6 +1,7 @@
 """LoRA on nnU-Net networks (the all_modules trap, merge) and the feature distance, on the foundation's network."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -98,6 +99,45 @@ def test_feature_distance_is_the_float32_definition_and_has_a_zero_gradient_at_e
     d = feature_distance(same, t)
     d.backward()
     assert d.item() == 0.0 and all(torch.equal(x.grad, torch.zeros_like(x)) for x in same)
+
+
+def _stage_steps(network, steps: int, **readings) -> list[dict]:
+    """``steps`` stage-B steps of the trainers' RFTStage on a batch of two (one buffer sample), with the least an
+    nnUNetTrainer gives it: device, network, loss, optimizer, no grad scaler (CPU), buffer keys."""
+    from types import SimpleNamespace
+
+    from nnunetv2_medseqft.trainers.stages import RFTStage
+
+    net, x = network
+    torch.manual_seed(0)
+    m0 = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+
+    def build(state):
+        built = copy.deepcopy(net).train()
+        built.load_state_dict(state)
+        return built
+
+    settings = RFTSettings(lora_rank=4, lora_alpha=8, **readings)
+    stage = RFTStage(build, net.state_dict(), net.state_dict(), settings, distill=True, g_teacher=m0)
+    params = [p for p in stage.student.parameters() if p.requires_grad]
+    trainer = SimpleNamespace(device=torch.device("cpu"), network=stage.student, grad_scaler=None,
+                              loss=lambda out, _target: out[0].float().pow(2).mean(), buffer_keys=["buffer"],
+                              optimizer=torch.optim.SGD(params, 0.1, momentum=0.9))
+    batch = {"data": x.repeat(2, 1, 1, 1, 1), "target": torch.zeros(1), "keys": ["buffer", "task"]}
+    return [stage.train_step(trainer, batch) for _ in range(steps)]
+
+
+def test_retention_every_alternates_the_terms_and_weighs_them_up(network):
+    every_step = _stage_steps(network, 2)
+    assert all(not math.isnan(o["medseqft_k"]) and not math.isnan(o["medseqft_g"]) for o in every_step)
+    out = _stage_steps(network, 4, retention_every=2)
+    computed = [(not math.isnan(o["medseqft_k"]), not math.isnan(o["medseqft_g"])) for o in out]
+    assert computed == [(True, False), (False, True), (True, False), (False, True)]
+    for o in out[1:]:  # the student has moved from F_t: both distances are > 0 from step 1 on
+        term = o["medseqft_k"] if not math.isnan(o["medseqft_k"]) else o["medseqft_g"]
+        assert term > 0 and float(o["loss"]) == pytest.approx(o["medseqft_seg"] + 2 * term, rel=1e-5)
+    with pytest.raises(MedSeqFTError, match="retention_every must be >= 1"):
+        RFTSettings(retention_every=0)
 
 
 def test_encoder_taps_fill_from_the_encoder_alone(network):

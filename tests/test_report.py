@@ -187,7 +187,8 @@ def test_bad_run_folders_are_named(tmp_path):
 
 def test_labels_give_variants_of_one_method_their_own_rows(tmp_path):
     """A benchmark's scratch and compute-matched controls are runs of method parallel with the same seed."""
-    runs = [write_run(tmp_path, n, fabricate("parallel", 0, d) | {"run": n}) for n, d in (("p", 80.0), ("scratch", 60.0))]
+    runs = [write_run(tmp_path, n, fabricate("parallel", 0, d) | {"run": n})
+            for n, d in (("p", 80.0), ("scratch", 60.0))]
     with pytest.raises(MedSeqFTError, match="drop one"):
         report.write_report(runs, out=str(tmp_path / "refused"))
     path = report.write_report(runs, out=str(tmp_path / "labelled"), labels=["parallel", "scratch"])

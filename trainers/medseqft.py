@@ -193,7 +193,9 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
         if self.rft_stage:
-            parts = {k: float(np.mean([o[k] for o in train_outputs])) for k in LOSS_KEYS}
+            # each term's mean over the steps that computed it (retention_every, batches without buffer samples)
+            parts = {k: [o[k] for o in train_outputs if not np.isnan(o[k])] for k in LOSS_KEYS}
+            parts = {k: float(np.mean(v)) if v else 0.0 for k, v in parts.items()}
             for k, v in parts.items():
                 self.logger.log(k, v, self.current_epoch)
             self.print_to_log_file("loss parts: " + ", ".join(f"{k[9:]} {v:.4f}" for k, v in parts.items()))

@@ -21,6 +21,9 @@ from nnunetv2_medseqft.method.distill import FeatureTaps, feature_distance
 from nnunetv2_medseqft.method.settings import RFTSettings
 
 
+NOT_COMPUTED = float("nan")  # a loss part that this step did not compute
+
+
 def _part(teacher: torch.nn.Module, encoder_only: bool) -> torch.nn.Module:
     """What a teacher runs: its encoder alone where its taps are all there."""
     return unwrap(teacher).encoder if encoder_only else teacher
@@ -57,13 +60,16 @@ class RFTStage:
         # the student's taps that each teacher's taps compare with
         self._index = {t: [self.taps["student"].names.index(n) for n in taps.names]
                        for t, taps in self.taps.items() if t != "student"}
+        self.steps_done = 0  # schedules retention_every (restarts on --c: only the phase of the schedule moves)
 
     @property
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.student.parameters() if p.requires_grad)
 
     def train_step(self, trainer, batch: dict) -> dict:
-        """seg + lambda_k * d(student, F_t) on the batch + lambda_g * d(student, M_(t-1)) on its buffer samples."""
+        """seg + lambda_k * d(student, F_t) on the batch + lambda_g * d(student, M_(t-1)) on its buffer samples
+        (each term weighted N on the steps where ``retention_every`` = N computes it). A term not computed on this
+        step is returned as NaN (nnU-Net's collate_outputs takes numbers only)."""
         device, s = trainer.device, self.settings
         data = batch["data"].to(device, non_blocking=True)
         target = [t.to(device, non_blocking=True) for t in batch["target"]] \
@@ -73,8 +79,10 @@ class RFTStage:
         in_buffer = torch.tensor(rows, dtype=torch.long, device=device)  # device would stall the GPU queue twice
         trainer.optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), device=device)
-        use_k = self.distill and self.teacher_fft is not None and s.lambda_k > 0
-        use_g = self.distill and bool(rows) and s.lambda_g > 0
+        every, step = s.retention_every, self.steps_done
+        self.steps_done += 1
+        use_k = self.distill and self.teacher_fft is not None and s.lambda_k > 0 and step % every == 0
+        use_g = self.distill and bool(rows) and s.lambda_g > 0 and step % every == every // 2
         with autocast(device.type, enabled=True) if device.type == "cuda" else dummy_context():
             output = trainer.network(data)  # the student, DDP-wrapped where the trainer runs DDP
             student = self.taps["student"].collect()
@@ -90,11 +98,12 @@ class RFTStage:
             if use_g:
                 l_g = feature_distance([student[i].index_select(0, in_buffer) for i in self._index["prev"]],
                                        self.taps["prev"].collect())
-            loss = seg + s.lambda_k * l_k + s.lambda_g * l_g
+            loss = seg + every * (s.lambda_k * l_k + s.lambda_g * l_g)
             l_k, l_g = l_k.detach(), l_g.detach()
         backward_and_step(trainer, loss)
-        return {"loss": loss.detach().cpu().numpy(), "medseqft_seg": seg.item(), "medseqft_k": l_k.item(),
-                "medseqft_g": l_g.item()}
+        return {"loss": loss.detach().cpu().numpy(), "medseqft_seg": seg.item(),
+                "medseqft_k": l_k.item() if use_k else NOT_COMPUTED,
+                "medseqft_g": l_g.item() if use_g else NOT_COMPUTED}
 
     def checkpoint_state(self) -> dict:
         """The trainable parameters: with previous_model.pth and F_t they restore the student for ``--c``."""

@@ -129,7 +129,10 @@ class RFTSettings(JsonSettings):
         epochs it would have taken, stage_b_fraction of the trainer's epochs) or 'split' (stage B takes its
         epochs out of the trainer's).
     stage_b_optimizer / stage_b_lr: SGD (nnU-Net's, momentum 0.99) or AdamW for the stage-B parameters, with a
-        poly schedule; stage_b_lr None = the trainer's initial_lr for SGD, 1e-3 for AdamW."""
+        poly schedule; stage_b_lr None = the trainer's initial_lr for SGD, 1e-3 for AdamW.
+    retention_every: N > 1 computes each retention term on every N-th stage-B step only (the knowledge term on
+        steps 0, N, 2N..., the generalization term on steps N//2, N//2 + N, ...), weighted N: the same expected
+        gradient for 1/N of the teachers' cost, with more variance. 1 = both terms on every step."""
 
     CHOICES = {"buffer": ("mds", "random"), "student_init": ("fft", "previous"),
                "g_teacher": ("foundation", "previous"), "g_layers": ("encoder", "all"), "k_layers": ("encoder", "all"),
@@ -158,6 +161,7 @@ class RFTSettings(JsonSettings):
     budget: str = "fft_full"
     stage_b_optimizer: str = "sgd"
     stage_b_lr: float | None = None
+    retention_every: int = 1
 
     @classmethod
     def run_record(cls, rft: dict, from_command: bool) -> dict:
@@ -192,5 +196,7 @@ class RFTSettings(JsonSettings):
                                     f"choose one of: {', '.join(allowed)}.")
         if self.stage_b_lr is not None and self.stage_b_lr <= 0:
             raise MedSeqFTError(f"stage_b_lr must be > 0 (or none for the default), got {self.stage_b_lr}.")
+        if self.retention_every < 1:
+            raise MedSeqFTError(f"retention_every must be >= 1 (1: every stage-B step), got {self.retention_every}.")
         if not 0.0 < self.buffer_share < 1.0:
             raise MedSeqFTError(f"buffer_share must lie in (0, 1), got {self.buffer_share}.")

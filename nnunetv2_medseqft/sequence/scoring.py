@@ -71,20 +71,20 @@ class ScoringSteps:
         bodies = [self.foundation.checkpoint["network_weights"]] + [load_weights(self._task_model(d)) for d in tasks]
         dice = [[None] * len(tasks) for _ in bodies]
         hd95 = [[None] * len(tasks) for _ in bodies]
+        encoder = [[None] * len(tasks) for _ in bodies]
+        results = self._results()
         for j, d in enumerate(tasks):
             val = self._validation(d)
             head = bodies[j + 1]
+            own = (results["scores"].get(d) or {}).get("M", {}).get("mean")  # R[j+1][j]: scored by evaluate/<d>
             for i, body in enumerate(bodies):
-                s = val.score(with_head(body, head))["mean"]
+                s = own if i == j + 1 and own else val.score(with_head(body, head))["mean"]
                 dice[i][j], hd95[i][j] = s["dice"], s["hd95"]
-        # forgetting in the encoder alone: a later body's encoder under task j's own decoder and head (the
-        # decoder of a chain is re-trained by every task, so with task j's head alone R shows little but that)
-        encoder = [[dice[i][j] if i == j + 1 else None for j in range(len(tasks))] for i in range(len(bodies))]
-        for j, d in enumerate(tasks[:-1]):
-            val = self._validation(d)
+            # forgetting in the encoder alone: a later body's encoder under task j's own decoder and head (the
+            # decoder of a chain is re-trained by every task, so with task j's head alone R shows little but that)
+            encoder[j + 1][j] = dice[j + 1][j]
             for i in range(j + 2, len(bodies)):
                 encoder[i][j] = val.score(with_decoder(bodies[i], bodies[j + 1]))["mean"]["dice"]
-        results = self._results()
         results["R"] = {"rows": ["M0"] + list(tasks), "cols": list(tasks), "dice": dice, "hd95": hd95,
                         "dice_encoder": encoder}
         results["summary"] = {**continual_metrics(dice), "bwt_encoder": encoder_bwt(dice, encoder),
