@@ -20,7 +20,8 @@ The LAST line printed is a JSON object:
   per_seed                       each difference per seed
   pretraining_gain_dice          parallel FFT from M0 - from a random initialisation (mean task Dice)
   parallel_mean_dice             mean task Dice of parallel FFT
-  methods                        per method: mean/sd of mean_dice, mean_hd95, acc, bwt, bwt_encoder, fwt, unseen_run, unseen_m0
+  methods                        per method: mean/sd of mean_dice, mean_hd95, acc, bwt, bwt_encoder, fwt,
+                                 unseen_run, unseen_m0
   compute                        per method: training iterations and wall minutes per seed (mean over seeds)
   scale, budget                  what was run
 
