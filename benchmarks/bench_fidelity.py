@@ -228,7 +228,7 @@ def main() -> None:
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # in order: a seed's methods finish before the next seed
         list(pool.map(lambda ms: run_method(args, f, *ms), todo))
     folders = [str(args.archive / "runs" / n) if _archived(args.archive, n) else run_folder(n) for n in names]
-    labels = [n[len("fidelity-"):].rsplit("-s", 1)[0] for n in names]  # scratch & co. run as method parallel
+    labels = [_label(n) for n in names]  # scratch & co. run as method parallel
     rows = compare_rows([{**load_results(d), "method": label} for d, label in zip(folders, labels)])
     report = write_report(folders, out=str(workdir / "fidelity_report"), labels=labels)
     per_seed, means = differences(rows)
@@ -253,10 +253,15 @@ def main() -> None:
                       "compute": compute, "scale": scale.name, "budget": budget}))
 
 
+def _label(name: str) -> str:
+    """The benchmark's method of a run name (``run_name``)."""
+    return name[len("fidelity-"):].rsplit("-s", 1)[0]
+
+
 def _by_method(names: list[str]) -> dict:
     out: dict = {}
     for n in names:
-        out.setdefault(n[len("fidelity-"):].rsplit("-s", 1)[0], []).append(n)
+        out.setdefault(_label(n), []).append(n)
     return out
 
 
