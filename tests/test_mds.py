@@ -17,10 +17,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from tqdm import tqdm
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.buffer import buffer_file_path, load_buffer, prepare, select_buffer
-from nnunetv2_medseqft.method.mds import CaseScores, CommonDraws, _behind, _open_pairs, _unsettled, score, summary_table
+from nnunetv2_medseqft.method.mds import (CaseScores, CommonDraws, SSLScorer, _behind, _Engine, _open_pairs, _unsettled,
+                                          replay, score, summary_table)
 from nnunetv2_medseqft.method.settings import MDSSettings
 
 CHEAP = MDSSettings(k=2, repeats=2, draws_per_batch=2)  # one forward of 2 patches per case
@@ -57,10 +60,21 @@ def fold_all(planned_task, tmp_path_factory):
         _env(mp, planned_task, root)
         w = _copy_task(planned_task, root)
         fixed = select_buffer(w.name, "all", settings=MDSSettings(k=4, repeats=16), progress=False, log=None)
-        adaptive = select_buffer(w.name, "all", settings=MDSSettings(k=4, min_repeats=8, max_repeats=16),
-                                 progress=False, log=None)
+        adaptive_settings = MDSSettings(k=4, min_repeats=8, max_repeats=16)
+        adaptive = select_buffer(w.name, "all", settings=adaptive_settings, progress=False, log=None)
+        # every case's 16 losses, drawn as MDS draws them, for the offline replay of the rule
+        inputs = prepare(w.name, "all", settings=adaptive_settings, log=lambda *_: None)
+        scorer, patch = SSLScorer(inputs.foundation), inputs.key["patch_size"]
+        dataset = infer_dataset_class(inputs.data_folder)(inputs.data_folder, identifiers=list(inputs.cases))
+        engine = _Engine(scorer, dataset, patch, 8, CommonDraws(0, patch, scorer.ssl_settings), tqdm(disable=True))
+        losses = {}
+        for key in inputs.cases:
+            case = CaseScores(key)
+            engine.draw(case, 16)
+            losses[key] = np.asarray(case.losses)
     sites = json.loads((w.raw / "sites.json").read_text())
-    return SimpleNamespace(fixed=fixed, adaptive=adaptive, sites=sites["cases"], pool_sites=set(sites["pool_sites"]))
+    return SimpleNamespace(fixed=fixed, adaptive=adaptive, adaptive_settings=adaptive_settings, losses=losses,
+                           sites=sites["cases"], pool_sites=set(sites["pool_sites"]))
 
 
 def _data_listing(w) -> list[str]:
@@ -141,6 +155,20 @@ def test_adaptive_matches_fixed_with_fewer_draws(fold_all):
             assert r["settled"]
     table = summary_table(adaptive, fold_all.sites)
     assert all(case in table for case in adaptive["cases"]) and "siteC" in table
+
+
+def test_replay_on_drawn_losses_is_the_scoring(fold_all):
+    """The rule replayed on losses drawn beforehand makes the scoring's choice with the scoring's draws (what
+    benchmarks/bench_mds_rule.py relies on to compare rules without forwards)."""
+    for key, losses in fold_all.losses.items():
+        assert losses.mean() == pytest.approx(fold_all.fixed["cases"][key]["mean"], rel=1e-12)
+    record = replay(fold_all.losses, 4, fold_all.adaptive_settings)
+    assert record == {"buffer": fold_all.adaptive["buffer"], "draws": fold_all.adaptive["draws"],
+                      "all_settled": fold_all.adaptive["all_settled"]}
+    fixed = replay(fold_all.losses, 4, MDSSettings(k=4, repeats=16))
+    assert fixed["buffer"] == fold_all.fixed["buffer"] and fixed["draws"] == 8 * 16
+    with pytest.raises(ValueError, match="draws given"):
+        replay({k: v[:4] for k, v in fold_all.losses.items()}, 4, fold_all.adaptive_settings)
 
 
 def test_site_precision(fold_all):
@@ -318,6 +346,22 @@ def test_pairs_settle_on_paired_differences():
     assert {c.key for c in _unsettled([better, tie, worse], k=1, z=4.0, tolerance=0.0)[0]} == {"better", "tie"}
     # every case in the buffer: nothing to separate
     assert _unsettled([good, better], k=2, z=4.0) == ([], None)
+
+
+def test_epsilon_rule_settles_a_buffer_case_at_most_the_zone_worse():
+    """rule=epsilon settles a pair once the buffer case is at most the zone worse (upper bound of the difference
+    <= zone), however wide the interval below; rule=zone also wants the interval within the zone."""
+    rng = np.random.default_rng(2)
+    swing = rng.normal(0, 1.0, 32)
+    noise = rng.normal(0, 1.0, 32)
+    noise = (noise - noise.mean()) / noise.std(ddof=1) * 0.2  # se of the difference: 0.2 / sqrt(32) = 0.035
+    inside, outside = _case("inside", 4.4 + swing + noise), _case("outside", 4.5 + swing)
+    zone = 0.02 * (inside.stats()[0] + outside.stats()[0]) / 2  # ~0.09; the difference: -0.1 + 4 x 0.035 = +0.04
+    assert 0 < -0.1 + 4.0 * 0.2 / np.sqrt(32) <= zone < 4.0 * 0.2 / np.sqrt(32)
+    assert _open_pairs([inside, outside], k=1, z=4.0, tolerance=0.02, rule="epsilon")[0] == []
+    assert _open_pairs([inside, outside], k=1, z=4.0, tolerance=0.02, rule="zone")[0] == [(inside, outside)]
+    with pytest.raises(MedSeqFTError, match="epsilon"):
+        MDSSettings(rule="closest")
 
 
 def test_a_pair_whose_common_draws_contradict_the_ranking_stays_open():

@@ -181,6 +181,57 @@ class _StatusLines:
         self.report(f"MDS: {state}, {done} draws, {rate:.1f} draws/s, ETA <= {(most - done) / rate / 60:.1f} min")
 
 
+def _draw_limits(s) -> tuple[int, int]:
+    """(draws per case at most, draws every case gets first)."""
+    if s.repeats is not None:
+        return s.repeats, s.repeats
+    return s.max_repeats, min(s.max_repeats, -(-s.min_repeats // s.draws_per_batch) * s.draws_per_batch)
+
+
+def draw_cases(cases: list[CaseScores], k: int, s, draw, on_round=lambda open_cases: None) -> float:
+    """The schedule of draws (fixed or adaptive, ``s``: MDSSettings), whatever produces them: ``draw(case, target)``
+    extends ``case.losses`` to ``target`` draws (draw j of every case is common draw j). ``on_round`` gets the
+    cases an adaptive round draws for (empty at the end). Returns z, the pairs' Bonferroni quantile."""
+    cap, first = _draw_limits(s)
+    z = bonferroni_z(s.confidence, k * (len(cases) - k))  # one test per (buffer, non-buffer) pair
+    for case in cases:
+        draw(case, first)
+    while s.repeats is None:
+        behind = _behind(_open_pairs(cases, k, z, s.tolerance, s.rule)[0])
+        open_cases = [c for c in cases if id(c) in behind and c.n < cap]
+        on_round(open_cases)
+        if not open_cases:
+            break
+        for case in open_cases:
+            draw(case, min(cap, case.n + s.draws_per_batch))
+    return z
+
+
+def _outcome(cases: list[CaseScores], k: int, z: float, s) -> tuple[list[int], set[str], float | None]:
+    """(case indices best first, keys of unsettled cases, boundary b)."""
+    unsettled, boundary = _unsettled(cases, k, z, s.tolerance, s.rule)
+    means = np.array([c.stats()[0] for c in cases])
+    order = sorted(range(len(cases)), key=lambda i: (means[i], cases[i].key))
+    return order, {c.key for c in unsettled}, boundary
+
+
+def replay(losses: dict[str, np.ndarray], k: int, s) -> dict:
+    """The selection ``score`` makes, on losses drawn beforehand (``losses[key][j]``: the case's loss on common
+    draw j, e.g. from a fixed-R scoring): the buffer, the draws it used and whether every pair settled. Lets
+    ``benchmarks/bench_mds_rule.py`` compare rules without a forward pass."""
+    cases = [CaseScores(key) for key in losses]
+
+    def draw(case: CaseScores, target: int) -> None:
+        if target > len(losses[case.key]):
+            raise ValueError(f"{case.key}: {len(losses[case.key])} draws given, the rule asks for {target}")
+        case.losses.extend(float(v) for v in losses[case.key][case.n:target])
+
+    z = draw_cases(cases, k, s, draw)
+    order, unsettled_keys, _ = _outcome(cases, k, z, s)
+    return {"buffer": [cases[i].key for i in order[:k]], "draws": int(sum(c.n for c in cases)),
+            "all_settled": not unsettled_keys}
+
+
 def score(inputs: MDSInputs, device: str | torch.device = "cpu", progress: bool = True,
           scorer: SSLScorer | None = None, report=None) -> dict:
     """Score the fold's training cases (fixed or adaptive repeats) and return the buffer record.
@@ -194,34 +245,31 @@ def score(inputs: MDSInputs, device: str | torch.device = "cpu", progress: bool 
     t0 = time.perf_counter()
     dataset = infer_dataset_class(inputs.data_folder)(inputs.data_folder, identifiers=list(inputs.cases))
     cases = [CaseScores(key) for key in inputs.cases]
-    adaptive = s.repeats is None
-    cap = s.max_repeats if adaptive else s.repeats
-    first = min(cap, -(-s.min_repeats // s.draws_per_batch) * s.draws_per_batch) if adaptive else cap
-    z = bonferroni_z(s.confidence, k * (n - k))  # one test per (buffer, non-buffer) pair
+    cap = _draw_limits(s)[0]
     with tqdm(total=n * cap, unit="draw", desc="MDS scoring", disable=not progress, dynamic_ncols=True) as bar:
         engine = _Engine(scorer or SSLScorer(inputs.foundation, device), dataset, inputs.key["patch_size"],
                          s.draws_per_batch, CommonDraws(s.seed, inputs.key["patch_size"], inputs.foundation.ssl), bar)
-        status = _StatusLines(report)
-        for i, case in enumerate(cases):
-            engine.draw(case, first)
-            bar.set_postfix_str(f"cases {i + 1}/{n}")
-            status(sum(c.n for c in cases), n * cap, f"first draws of {i + 1}/{n} cases")
-        while adaptive:
-            behind = _behind(_open_pairs(cases, k, z, s.tolerance)[0])
-            open_cases = [c for c in cases if id(c) in behind and c.n < cap]
+        status, open_now = _StatusLines(report), []
+
+        def on_round(open_cases: list[CaseScores]) -> None:
+            open_now[:] = open_cases or [None]  # [None]: the first draws are over
             bar.total = bar.n + sum(cap - c.n for c in open_cases)  # upper bound: ETA shrinks as cases settle
             bar.set_postfix_str(f"settled {n - len(open_cases)}/{n}")
-            if not open_cases:
-                break
-            for case in open_cases:
-                engine.draw(case, min(cap, case.n + s.draws_per_batch))
-                done = sum(c.n for c in cases)
-                status(done, done + sum(cap - c.n for c in open_cases), f"{n - len(open_cases)}/{n} cases settled")
-    unsettled, boundary = _unsettled(cases, k, z, s.tolerance)
-    means = np.array([c.stats()[0] for c in cases])
-    order = sorted(range(n), key=lambda i: (means[i], cases[i].key))
+
+        def draw(case: CaseScores, target: int) -> None:
+            engine.draw(case, target)
+            done = sum(c.n for c in cases)
+            if open_now:
+                rest = [c for c in open_now if c is not None]
+                status(done, done + sum(cap - c.n for c in rest), f"{n - len(rest)}/{n} cases settled")
+            else:
+                started = sum(c.n > 0 for c in cases)
+                bar.set_postfix_str(f"cases {started}/{n}")
+                status(done, n * cap, f"first draws of {started}/{n} cases")
+
+        z = draw_cases(cases, k, s, draw, on_round)
+    order, unsettled_keys, boundary = _outcome(cases, k, z, s)
     rank = {cases[i].key: r for r, i in enumerate(order)}
-    unsettled_keys = {c.key for c in unsettled}
     per_case = {}
     for c in cases:
         mean, se = c.stats()
@@ -232,10 +280,10 @@ def score(inputs: MDSInputs, device: str | torch.device = "cpu", progress: bool 
         "key": inputs.key,
         "k": k,
         "buffer": [cases[i].key for i in order[:k]],
-        "mode": "adaptive" if adaptive else "fixed",
+        "mode": "adaptive" if s.repeats is None else "fixed",
         "boundary": boundary,
         "z": z,  # fixed mode too: 'settled' then says whether R draws settled the top-K
-        "all_settled": not unsettled,
+        "all_settled": not unsettled_keys,
         "draws": int(sum(c.n for c in cases)),
         "forward_passes": engine.forward_passes,
         "wall_time_s": round(time.perf_counter() - t0, 3),
@@ -246,13 +294,14 @@ def score(inputs: MDSInputs, device: str | torch.device = "cpu", progress: bool 
     }))
 
 
-def _open_pairs(cases: list[CaseScores], k: int, z: float, tolerance: float = 0.0
+def _open_pairs(cases: list[CaseScores], k: int, z: float, tolerance: float = 0.0, rule: str = "zone"
                 ) -> tuple[list[tuple[CaseScores, CaseScores]], float | None]:
     """The unsettled pairs and the boundary b. For every pair (i in the current top K, o outside it), on their
-    common draws 1..min(n_i, n_o): d = loss_i - loss_o, settled when mean(d) + z se(d) < 0 (i is better, at the
-    pair's confidence), or when z se(d) <= tolerance * |b| and mean(d) + z se(d) <= tolerance * |b| (a near-tie
-    known to within the indifference zone; the second condition matters where the pair's common draws are fewer
-    than i's own and contradict the ranking). No pairs when k = n."""
+    common draws 1..min(n_i, n_o): d = loss_i - loss_o, upper = mean(d) + z se(d); settled when upper < 0 (i is
+    better, at the pair's confidence) or, within the indifference zone tolerance * |b|:
+      rule "epsilon": upper <= zone (i is at most the zone worse than o);
+      rule "zone": z se(d) <= zone and upper <= zone (the difference known to within the zone, both ways).
+    No pairs when k = n."""
     stats = [c.stats() for c in cases]
     means = np.array([m for m, _ in stats])
     b = _boundary(means, k)
@@ -267,15 +316,16 @@ def _open_pairs(cases: list[CaseScores], k: int, z: float, tolerance: float = 0.
             d = np.asarray(cases[i].losses[:m], dtype=np.float64) - np.asarray(cases[o].losses[:m], dtype=np.float64)
             se = float(d.std(ddof=1) / np.sqrt(m)) if m > 1 else float("inf")
             upper = float(d.mean()) + z * se
-            if not (upper < 0 or (z * se <= zone and upper <= zone)):
+            near_tie = upper <= zone and (rule == "epsilon" or z * se <= zone)
+            if not (upper < 0 or near_tie):
                 pairs.append((cases[i], cases[o]))
     return pairs, b
 
 
-def _unsettled(cases: list[CaseScores], k: int, z: float, tolerance: float = 0.0
+def _unsettled(cases: list[CaseScores], k: int, z: float, tolerance: float = 0.0, rule: str = "zone"
                ) -> tuple[list[CaseScores], float | None]:
     """Cases in an unsettled pair (``_open_pairs``), in their given order, and the boundary b."""
-    pairs, b = _open_pairs(cases, k, z, tolerance)
+    pairs, b = _open_pairs(cases, k, z, tolerance, rule)
     members = {id(c) for pair in pairs for c in pair}
     return [c for c in cases if id(c) in members], b
 

@@ -55,6 +55,9 @@ def _check_type(owner: str, name: str, value, annotation: str) -> None:
     raise MedSeqFTError(f"{owner} {name}={value!r} must be {words}.")
 
 
+MDS_RULES = ("zone", "epsilon")  # how a near-tie settles: mds._open_pairs
+
+
 @dataclass(frozen=True)
 class MDSSettings(JsonSettings):
     """k: buffer size (absolute); when None, k = max(min_k, round(k_frac * training cases)).
@@ -62,7 +65,9 @@ class MDSSettings(JsonSettings):
         draw in batches of ``draws_per_batch`` (at least ``min_repeats``) until every (buffer, non-buffer)
         pair is settled at ``confidence`` on its common draws, or ``max_repeats`` draws. ``tolerance`` is the
         indifference zone: a pair whose difference is known to within tolerance * boundary counts as settled
-        (near-ties are interchangeable; without it they would run to max_repeats). The rule: ``mds.py``.
+        (near-ties are interchangeable; without it they would run to max_repeats). ``rule``: how a near-tie
+        settles (``zone``: its difference known to within the zone; ``epsilon``: the buffer case at most the
+        zone worse). The rules: ``mds.py``.
     seed: makes patches and masks, hence scores and buffer, reproducible."""
 
     label = "MDS setting"  # for messages (--mds KEY=VALUE); a class attribute, not a field
@@ -76,6 +81,7 @@ class MDSSettings(JsonSettings):
     draws_per_batch: int = 8
     confidence: float = 0.99
     tolerance: float = 0.02
+    rule: str = "zone"
     seed: int = 0
 
     def __post_init__(self):
@@ -91,6 +97,8 @@ class MDSSettings(JsonSettings):
             raise MedSeqFTError(f"MDS draws_per_batch must be >= 1, got {self.draws_per_batch}.")
         if not 0.0 <= self.tolerance < 1.0:
             raise MedSeqFTError(f"MDS tolerance must lie in [0, 1), got {self.tolerance}.")
+        if self.rule not in MDS_RULES:
+            raise MedSeqFTError(f"MDS rule={self.rule!r} is not a rule; use one of {list(MDS_RULES)}.")
         if not 0.5 < self.confidence < 1.0:
             raise MedSeqFTError(f"MDS confidence must lie in (0.5, 1), got {self.confidence}.")
 
