@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from nnunet_helpers import BIN, PACKABLE, folder_hashes, manifest, run, run_cmd
+from nnunet_helpers import BIN, PACKABLE, folder_hashes, manifest, run, run_cmd, run_python
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 
@@ -198,6 +198,26 @@ def test_seqfft_run_with_unseen_task_then_report_and_compare(nnunet, tiny_founda
     for png in figures:
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and png.name in text
+
+    # a run of another method, with readings (--rft) of its own, shares this M0 reference: it is full fine-tuning of
+    # M0, whichever run trained it (checked in a fresh process, as a run checks its model folders before it trains)
+    code = f"""
+from nnunetv2_medseqft.cli.main import build_parser
+from nnunetv2_medseqft.sequence.manifest import Manifest
+from nnunetv2_medseqft.sequence.request import request_from_args, validate
+from nnunetv2_medseqft.sequence.runner import Runner
+argv = {run_cmd(tiny_foundation, "t-share", "medseqft", "--unseen", "505", "--rft", "buffer=random")[1:]!r}
+args = build_parser().parse_args(argv)
+args.argv = argv[1:]
+request = request_from_args(args)
+foundation = validate(request)
+manifest = Manifest.open({str(nnunet.root / "t-share")!r}, request.name, request.settings(foundation.sha256), "")
+runner = Runner(request, foundation, manifest, log=lambda *a: None)
+runner._check_model_folders()
+print(runner._plans_name(from_m0=True))
+"""
+    proc = run_python(code, nnunet)
+    assert proc.stdout.split()[-1] in {Path(m).name.split("__")[1] for m in models}, proc.stdout
         assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (900, 320)
     per_case = results["scores"]["Dataset501_MSFTLiver"]["M"]["per_case"]
     assert len(per_case) == 2 and all(0 <= v <= 100 for v in per_case.values() if v is not None)

@@ -102,6 +102,14 @@ class MDSSettings(JsonSettings):
         if not 0.5 < self.confidence < 1.0:
             raise MedSeqFTError(f"MDS confidence must lie in (0.5, 1), got {self.confidence}.")
 
+    def to_dict(self) -> dict:
+        """Without ``rule`` when it is "zone", the only rule before rules were a setting: buffer keys and plans
+        written before still match, and runs made before resume."""
+        d = asdict(self)
+        if d["rule"] == "zone":
+            del d["rule"]
+        return d
+
     def buffer_size(self, n_training_cases: int) -> int:
         """K for a fold. A K above the number of training cases is an error, not a silent clamp."""
         k = self.k if self.k is not None else max(self.min_k, round(self.k_frac * n_training_cases))

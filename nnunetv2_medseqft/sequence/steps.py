@@ -20,6 +20,11 @@ from nnunetv2_medseqft.sequence.train_process import keep_previous_attempt, outp
 from nnunetv2_medseqft.sequence.union_dataset import build_union_dataset
 
 
+# What the shared M0 reference of a dataset records but does not depend on: which run trained it (its start file in
+# that run's folder: the start's content follows from the reference's plans name), and that run's --rft and --mds.
+NOT_THE_REFERENCE = ("previous_model", "rft", "mds")
+
+
 class TaskSteps:
     """Runner steps that plan, select and train (mixed into ``Runner``)."""
 
@@ -85,8 +90,10 @@ class TaskSteps:
 
     def _trainer_rft(self, from_m0: bool = False) -> dict:
         """The plans' rft: every reading explicit for the MedSeqFT methods (the run's, whatever the trainer's
-        defaults are now), the run's --rft as given for the others."""
-        if from_m0 or not self.method.two_stage:
+        defaults are now), the run's --rft as given for the others, none for the M0 reference (full fine-tuning)."""
+        if from_m0:
+            return {}
+        if not self.method.two_stage:
             return dict(self.request.rft)
         return RFTSettings.for_trainer(self.request.rft)
 
@@ -153,7 +160,8 @@ class TaskSteps:
                     theirs = dict(load_checkpoint_file(path)["init_args"]["plans"].get("medseqft", {}))
                     if theirs.get("previous_model"):  # an older run's absolute record, or one from before a move
                         theirs["previous_model"] = portable(resolved(theirs["previous_model"]))
-                    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+                    diff = sorted(k for k in set(ours) | set(theirs)
+                                  if ours.get(k) != theirs.get(k) and not (from_m0 and k in NOT_THE_REFERENCE))
                     if diff:
                         raise MedSeqFTError(f"{path} was trained with other settings ({', '.join(diff)} differ) and "
                                             f"is not this run's. Move {folder} away, or choose another --name.")
