@@ -23,23 +23,25 @@ per forward). Every case first gets ``min_repeats`` draws; then, after each roun
   * for every pair (i in the buffer, o outside it), on their common draws 1..min(n_i, n_o):
     d = loss_i - loss_o, with mean and standard error se (sample std / sqrt(n));
   * z = Phi^-1(1 - alpha / (2 P)), alpha = 1 - confidence, P = K (n - K) pairs (Bonferroni over pairs);
-  * the pair is *settled* when mean(d) + z se < 0 (i is better), or when both z se and mean(d) + z se
-    are <= tolerance * |b|, the indifference zone (``MDSSettings.tolerance``, 2%): a near-tie known to
-    within it (the second condition keeps open a pair whose common draws, fewer than i's own because o
-    stopped early, contradict the current ranking).
+  * the pair is *settled* when mean(d) + z se < 0 (i is better), or when it is a near-tie within the
+    indifference zone tolerance * |b| (``MDSSettings.tolerance``), by the setting ``rule``:
+      "epsilon": mean(d) + z se <= zone: i is at most the zone worse than o;
+      "zone":    mean(d) + z se <= zone and z se <= zone: the difference is also known to within the zone.
+    (Where the common draws are fewer than i's own because o stopped early and they contradict the current
+    ranking, mean(d) + z se is large and the pair stays open.)
 In each open pair the case with fewer draws (both when equal) gets another batch: draws beyond the
 pair's common draws do not inform it. Scoring stops when every pair is settled or its cases have
 ``max_repeats`` draws. Pairs are re-formed every round, because the buffer can change.
 
 Guarantee (approximate). If every pair's interval covers its true mean difference (probability >=
 confidence by the union bound over the P pairs, with the CLT's normal approximation for each mean
-difference), and every pair is settled by its sign, then every selected case has a lower expected loss
-than every other case: the buffer is exactly the top-K set by expected loss. Pairs settled by the
-indifference zone weaken this to: such a pair may be swapped only if its true means differ by less than
-about 2 tolerance |b|. It is approximate because (1) the normal approximation is poor for small
+difference), then when scoring stops with every pair settled, no selected case's expected loss lies more than
+tolerance * |b| above an unselected case's (an epsilon-top-K set; both rules), and pairs settled by their sign
+are ordered exactly. It is approximate because (1) the normal approximation is poor for small
 ``min_repeats``, (2) looking after every round (optional stopping) inflates the error somewhat, which the
-Bonferroni factor only partly absorbs. The benchmark (benchmarks/bench_mds.py) measures the agreement
-with fixed R = 1000.
+Bonferroni factor only partly absorbs, (3) b is itself estimated. The benchmarks measure the agreement with
+fixed R = 1000: ``bench_mds.py`` (one scoring), ``bench_mds_rule.py`` (rules replayed on R = 1000 losses of
+every case of the benchmark tasks, over many draw orders; ``replay`` runs the rule on such losses).
 
 Determinism: draw j depends only on (seed, j), so a case's scores do not depend on the other cases, the
 fold or the order of scoring; the first n draws of adaptive mode are exactly the first n draws of fixed
