@@ -362,6 +362,9 @@ def test_epsilon_rule_settles_a_buffer_case_at_most_the_zone_worse():
     assert _open_pairs([inside, outside], k=1, z=4.0, tolerance=0.02, rule="zone")[0] == [(inside, outside)]
     with pytest.raises(MedSeqFTError, match="epsilon"):
         MDSSettings(rule="closest")
+    # buffer keys: written without the rule where it is the earlier one or none applies (fixed repeats)
+    assert "rule" not in MDSSettings(rule="zone").to_dict() and "rule" not in MDSSettings(rule="epsilon", repeats=64).to_dict()
+    assert MDSSettings.from_dict(MDSSettings(rule="epsilon").to_dict()).rule == "epsilon"
 
 
 def test_a_pair_whose_common_draws_contradict_the_ranking_stays_open():

@@ -103,10 +103,10 @@ class MDSSettings(JsonSettings):
             raise MedSeqFTError(f"MDS confidence must lie in (0.5, 1), got {self.confidence}.")
 
     def to_dict(self) -> dict:
-        """Without ``rule`` when it is "zone", the only rule before rules were a setting: buffer keys and plans
-        written before still match, and runs made before resume."""
+        """Without ``rule`` when it is "zone" (the only rule before rules were a setting) or when no rule applies
+        (fixed repeats): buffer keys and plans written before still match, and runs made before resume."""
         d = asdict(self)
-        if d["rule"] == "zone":
+        if d["rule"] == "zone" or d["repeats"] is not None:
             del d["rule"]
         return d
 
