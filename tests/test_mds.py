@@ -363,7 +363,8 @@ def test_epsilon_rule_settles_a_buffer_case_at_most_the_zone_worse():
     with pytest.raises(MedSeqFTError, match="epsilon"):
         MDSSettings(rule="closest")
     # buffer keys: written without the rule where it is the earlier one or none applies (fixed repeats)
-    assert "rule" not in MDSSettings(rule="zone").to_dict() and "rule" not in MDSSettings(rule="epsilon", repeats=64).to_dict()
+    assert "rule" not in MDSSettings(rule="zone").to_dict()
+    assert "rule" not in MDSSettings(rule="epsilon", repeats=64).to_dict()
     assert MDSSettings.from_dict(MDSSettings(rule="epsilon").to_dict()).rule == "epsilon"
 
 
