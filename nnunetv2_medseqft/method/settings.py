@@ -79,9 +79,9 @@ class MDSSettings(JsonSettings):
     min_repeats: int = 16
     max_repeats: int = 1000
     draws_per_batch: int = 8
-    confidence: float = 0.99
+    confidence: float = 0.95
     tolerance: float = 0.02
-    rule: str = "zone"
+    rule: str = "epsilon"
     seed: int = 0
 
     def __post_init__(self):
