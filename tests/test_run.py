@@ -198,6 +198,10 @@ def test_seqfft_run_with_unseen_task_then_report_and_compare(nnunet, tiny_founda
     for png in figures:
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and png.name in text
+        assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (900, 320)
+    per_case = results["scores"]["Dataset501_MSFTLiver"]["M"]["per_case"]
+    assert len(per_case) == 2 and all(0 <= v <= 100 for v in per_case.values() if v is not None)
+    assert "Dice per acquisition site" in text
 
     # a run of another method, with readings (--rft) of its own, shares this M0 reference: it is full fine-tuning of
     # M0, whichever run trained it (checked in a fresh process, as a run checks its model folders before it trains)
@@ -218,10 +222,6 @@ print(runner._plans_name(from_m0=True))
 """
     proc = run_python(code, nnunet)
     assert proc.stdout.split()[-1] in {Path(m).name.split("__")[1] for m in models}, proc.stdout
-        assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (900, 320)
-    per_case = results["scores"]["Dataset501_MSFTLiver"]["M"]["per_case"]
-    assert len(per_case) == 2 and all(0 <= v <= 100 for v in per_case.values() if v is not None)
-    assert "Dice per acquisition site" in text
     table = run(["medseqft", "compare", "t-medseqft", "t-seqfft"], nnunet).stdout
     assert "| medseqft" in table and "| seqfft" in table
 
