@@ -104,15 +104,14 @@ def replay_task(losses: dict[str, np.ndarray], cases: list[str], settings, order
     return out
 
 
-def replay_fold(args, fold: int, candidates, orders) -> dict:
+def replay_fold(args, losses_by_task: dict, fold: int, candidates, orders) -> dict:
     from nnunetv2_medseqft.method.settings import MDSSettings
 
     table = {}
     for rule, tol, conf in candidates:
         settings = MDSSettings(tolerance=tol, confidence=conf, rule=rule)
         per_task = {}
-        for task in task_names(args.workdir, args.tasks):
-            losses = load_losses(args.workdir, task)
+        for task, losses in losses_by_task.items():
             cases = fold_cases(args.workdir, task, fold)
             missing = [c for c in cases if c not in losses]
             if missing:
@@ -154,13 +153,14 @@ def choose_rule(table: dict, goal: float) -> tuple:
 
 
 def replay_main(args) -> None:
-    n_draws = min(len(v) for t in task_names(args.workdir, args.tasks) for v in load_losses(args.workdir, t).values())
+    losses_by_task = {t: load_losses(args.workdir, t) for t in task_names(args.workdir, args.tasks)}  # read once
+    n_draws = min(len(v) for losses in losses_by_task.values() for v in losses.values())
     rng = np.random.default_rng(12345)
     orders = [np.arange(n_draws)] + [rng.permutation(n_draws) for _ in range(args.orders)]
-    choose = replay_fold(args, args.choose_fold, CANDIDATES, orders)
+    choose = replay_fold(args, losses_by_task, args.choose_fold, CANDIDATES, orders)
     print_table(f"fold {args.choose_fold} (choosing), {len(orders)} draw orders, tasks {args.tasks}", choose)
     chosen = choose_rule(choose, args.goal)
-    report = replay_fold(args, args.report_fold, [chosen, ("zone", 0.02, 0.99)], orders)
+    report = replay_fold(args, losses_by_task, args.report_fold, [chosen, ("zone", 0.02, 0.99)], orders)
     print_table(f"fold {args.report_fold} (reporting): the chosen rule and the rule before", report)
     first = {task: rs[0] for task, rs in report[chosen].items()}
     print(json.dumps({
