@@ -1,9 +1,9 @@
 """Scores of task models on their fold's validation cases: Dice and HD95 per label, the R matrix.
 
-Predictions run in-process with nnU-Net's own predictor on the preprocessed validation cases and are
-resampled to the original geometry with nnU-Net's export code, then compared with the dataset's
-``gt_segmentations`` (what ``nnUNetv2_train``'s final validation does). HD95 is MONAI's
-``compute_hausdorff_distance`` (percentile 95, voxel spacing in mm). Empty masks: a label absent from
+Predictions run in-process with nnU-Net's own predictor (tiles batched on CPU: ``sliding_window``) on the
+preprocessed validation cases and are resampled to the original geometry with nnU-Net's export code, then
+compared with the dataset's ``gt_segmentations`` (what ``nnUNetv2_train``'s final validation does). HD95 is
+MONAI's ``compute_hausdorff_distance`` (percentile 95, voxel spacing in mm). Empty masks: a label absent from
 both prediction and ground truth of a case is not scored for that case (nnU-Net's convention); one
 empty -> Dice 0, HD95 = the image diagonal in mm (a finite penalty, so means stay defined). Dice is reported in points (0-100). Test-time mirroring is off by
 default (8x cheaper in 3D; nnU-Net's own ``validation/summary.json`` keeps it).
@@ -51,11 +51,11 @@ class ValidationSet:
              mirror: bool = False, model_dataset_json: dict | None = None) -> "ValidationSet":
         """``model_dataset_json``: the labels the model predicts, when they are not this dataset's (multitask)."""
         from batchgenerators.utilities.file_and_folder_operations import load_json
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+        from nnunetv2_medseqft.evaluation.sliding_window import TileBatchPredictor
         from nnunetv2_medseqft.paths import fold_split, preprocessed_root
 
         folder = os.path.join(preprocessed_root(), dataset_name)
@@ -88,7 +88,7 @@ class ValidationSet:
                                                            label_manager.num_segmentation_heads,
                                                            enable_deep_supervision=False)
         with contextlib.redirect_stdout(io.StringIO()):  # its CPU notice is noise here
-            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror,
+            predictor = TileBatchPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror,
                                         perform_everything_on_device=device != "cpu", device=torch.device(device),
                                         verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         mirror_axes = tuple(range(len(cfg.patch_size))) if mirror else None
