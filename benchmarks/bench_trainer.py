@@ -6,7 +6,8 @@ bench_mds.py (synth, pool, foundation, ``medseqft plan``) in --workdir, reusing 
 
 The LAST line printed is a JSON object with these keys:
   rft_step_ratio      median stage-B step / median stock step
-  rft_step_ratio_by_arm  the same for each --arms reading of stage B (e.g. k_layers=encoder), side by side
+  rft_step_ratio_by_arm  the same for each --arms reading of stage B (e.g. k_layers=encoder), side by side, and
+                      for g-buffer-rows: the generalization teacher on the buffer rows alone (GPU's way) on CPU
   fft_step_ratio      median stage-A step / median stock step
   rft_peak_rss_ratio  peak RSS of a process running stage-B steps / one running stock steps (separate children)
   merge_max_abs_diff  max |logits| difference: student computed with peft's LoRA branch vs the merged plain network
@@ -51,6 +52,19 @@ def make_trainers(task: str, plans_name: str, foundation: Path, which: tuple[str
         tr.on_train_start()
         trainers[name] = tr
     return trainers
+
+
+def buffer_batches(trainer, buffer: set, n: int = 2) -> list:
+    """n batches of the trainer's loader with one buffer case each: the expected count of stage B's batch of 2 at
+    buffer_share 0.5, so that every step pays the generalization teacher as training does on average."""
+    batches = []
+    for _ in range(500):
+        batch = next(trainer.dataloader_train)
+        if sum(k in buffer for k in batch["keys"]) == 1:
+            batches.append(batch)
+            if len(batches) == n:
+                return batches
+    raise SystemExit(f"no batch with one buffer case in 500 draws (buffer {sorted(buffer)})")
 
 
 def step_fn(trainer, batches, stage):
@@ -149,7 +163,7 @@ def main(argv=None) -> int:
         rss[kind] = json.loads(out.strip().splitlines()[-1])["peak_rss_kib"]
 
     trainers = make_trainers(task, args.plans_name, foundation, ("stock", "fft", "rft"))
-    batches = [next(trainers["stock"].dataloader_train) for _ in range(2)]
+    batches = buffer_batches(trainers["stock"], set(trainers["rft"].buffer_keys))
     steps = {"stock": step_fn(trainers["stock"], batches, "A"), "fft": step_fn(trainers["fft"], batches, "A"),
              "rft": step_fn(trainers["rft"], batches, "B")}
     from nnunetv2_medseqft.method.settings import RFTSettings
@@ -159,6 +173,10 @@ def main(argv=None) -> int:
         tr = make_trainers(task, args.plans_name, foundation, ("rft",))["rft"]
         tr.rft = RFTSettings.from_dict({**tr.rft.to_dict(), **overrides})
         steps[f"rft:{name}"] = step_fn(tr, batches, "B")
+    # the generalization teacher on the buffer rows alone, as on GPU (on CPU it runs the whole batch: stages.py)
+    tr = make_trainers(task, args.plans_name, foundation, ("rft",))["rft"]
+    steps["rft:g-buffer-rows"] = step_fn(tr, batches, "B")
+    tr.rft_stage.g_whole_batch = False
     for step in steps.values():  # warm-up
         step()
     times = {n: [] for n in steps}
@@ -171,7 +189,7 @@ def main(argv=None) -> int:
     print("median step seconds:", {n: round(v, 3) for n, v in med.items()})
     result = {
         "rft_step_ratio": med["rft"] / med["stock"],
-        "rft_step_ratio_by_arm": {n: med[f"rft:{n}"] / med["stock"] for n in arms},
+        "rft_step_ratio_by_arm": {n: med[f"rft:{n}"] / med["stock"] for n in [*arms, "g-buffer-rows"]},
         "fft_step_ratio": med["fft"] / med["stock"],
         "rft_peak_rss_ratio": rss["rft"] / rss["stock"],
         "merge_max_abs_diff": merge_diff(trainers["rft"], batches[0]),

@@ -101,9 +101,10 @@ def test_feature_distance_is_the_float32_definition_and_has_a_zero_gradient_at_e
     assert d.item() == 0.0 and all(torch.equal(x.grad, torch.zeros_like(x)) for x in same)
 
 
-def _stage_steps(network, steps: int, **readings) -> list[dict]:
+def _stage_steps(network, steps: int, g_whole_batch=None, teacher_rows=None, **readings) -> list[dict]:
     """``steps`` stage-B steps of the trainers' RFTStage on a batch of two (one buffer sample), with the least an
-    nnUNetTrainer gives it: device, network, loss, optimizer, no grad scaler (CPU), buffer keys."""
+    nnUNetTrainer gives it: device, network, loss, optimizer, no grad scaler (CPU), buffer keys.
+    ``teacher_rows``: a list that gets the batch size of every generalization-teacher forward."""
     from types import SimpleNamespace
 
     from nnunetv2_medseqft.trainers.stages import RFTStage
@@ -119,11 +120,15 @@ def _stage_steps(network, steps: int, **readings) -> list[dict]:
 
     settings = RFTSettings(lora_rank=4, lora_alpha=8, **readings)
     stage = RFTStage(build, net.state_dict(), net.state_dict(), settings, distill=True, g_teacher=m0)
+    stage.g_whole_batch = g_whole_batch
+    if teacher_rows is not None:
+        stage.teacher_prev.register_forward_pre_hook(lambda m, i: teacher_rows.append(i[0].shape[0]))
+        stage.teacher_prev.encoder.register_forward_pre_hook(lambda m, i: teacher_rows.append(i[0].shape[0]))
     params = [p for p in stage.student.parameters() if p.requires_grad]
     trainer = SimpleNamespace(device=torch.device("cpu"), network=stage.student, grad_scaler=None,
                               loss=lambda out, _target: out[0].float().pow(2).mean(), buffer_keys=["buffer"],
                               optimizer=torch.optim.SGD(params, 0.1, momentum=0.9))
-    batch = {"data": x.repeat(2, 1, 1, 1, 1), "target": torch.zeros(1), "keys": ["buffer", "task"]}
+    batch = {"data": torch.cat([x.flip(-1), x]), "target": torch.zeros(1), "keys": ["task", "buffer"]}
     return [stage.train_step(trainer, batch) for _ in range(steps)]
 
 
@@ -138,6 +143,21 @@ def test_retention_every_alternates_the_terms_and_weighs_them_up(network):
         assert term > 0 and float(o["loss"]) == pytest.approx(o["medseqft_seg"] + 2 * term, rel=1e-5)
     with pytest.raises(MedSeqFTError, match="retention_every must be >= 1"):
         RFTSettings(retention_every=0)
+
+
+def test_generalization_teacher_on_the_whole_batch_gives_the_buffer_rows_term(network):
+    """On CPU the teacher runs the whole batch (a one-sample 3D conv takes PyTorch's slow kernel) and the term takes
+    its buffer rows: the same loss as running the buffer rows alone, which GPUs do."""
+    rows = {}
+    out = {}
+    for whole in (True, False):
+        rows[whole] = []
+        out[whole] = _stage_steps(network, 1, g_whole_batch=whole, teacher_rows=rows[whole])[0]
+    assert rows == {True: [2], False: [1]}  # g_layers=encoder: the encoder alone runs
+    assert out[True]["medseqft_g"] > 0 and out[True]["medseqft_g"] == pytest.approx(out[False]["medseqft_g"], rel=1e-4)
+    rows[None] = []
+    _stage_steps(network, 1, teacher_rows=rows[None])
+    assert rows[None] == [2]  # the CPU default
 
 
 def test_encoder_taps_fill_from_the_encoder_alone(network):

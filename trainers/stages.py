@@ -61,6 +61,10 @@ class RFTStage:
         self._index = {t: [self.taps["student"].names.index(n) for n in taps.names]
                        for t, taps in self.taps.items() if t != "student"}
         self.steps_done = 0  # schedules retention_every (restarts on --c: only the phase of the schedule moves)
+        # the generalization teacher on the whole batch, its buffer rows taken from its taps: on CPU a one-sample 3D
+        # convolution at the CPU scale takes PyTorch's slow kernel (evaluation/sliding_window.py), and two samples
+        # through oneDNN cost less than one through it. None: on CPU only; elsewhere it runs the buffer rows alone.
+        self.g_whole_batch: bool | None = None
 
     @property
     def trainable_parameters(self) -> int:
@@ -83,6 +87,7 @@ class RFTStage:
         self.steps_done += 1
         use_k = self.distill and self.teacher_fft is not None and s.lambda_k > 0 and step % every == 0
         use_g = self.distill and bool(rows) and s.lambda_g > 0 and step % every == every // 2
+        g_whole = self.g_whole_batch if self.g_whole_batch is not None else device.type == "cpu"
         with autocast(device.type, enabled=True) if device.type == "cuda" else dummy_context():
             output = trainer.network(data)  # the student, DDP-wrapped where the trainer runs DDP
             student = self.taps["student"].collect()
@@ -92,12 +97,13 @@ class RFTStage:
                 if use_k:
                     _part(self.teacher_fft, self.k_encoder_only)(data)
                 if use_g:
-                    _part(self.teacher_prev, self.g_encoder_only)(data.index_select(0, in_buffer))
+                    _part(self.teacher_prev, self.g_encoder_only)(data if g_whole else data.index_select(0, in_buffer))
             if use_k:
                 l_k = feature_distance([student[i] for i in self._index["fft"]], self.taps["fft"].collect())
             if use_g:
+                teacher = self.taps["prev"].collect()
                 l_g = feature_distance([student[i].index_select(0, in_buffer) for i in self._index["prev"]],
-                                       self.taps["prev"].collect())
+                                       [t.index_select(0, in_buffer) for t in teacher] if g_whole else teacher)
             loss = seg + every * (s.lambda_k * l_k + s.lambda_g * l_g)
             l_k, l_g = l_k.detach(), l_g.detach()
         backward_and_step(trainer, loss)
