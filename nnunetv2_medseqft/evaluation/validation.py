@@ -89,8 +89,8 @@ class ValidationSet:
                                                            enable_deep_supervision=False)
         with contextlib.redirect_stdout(io.StringIO()):  # its CPU notice is noise here
             predictor = TileBatchPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror,
-                                        perform_everything_on_device=device != "cpu", device=torch.device(device),
-                                        verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+                                           perform_everything_on_device=device != "cpu", device=torch.device(device),
+                                           verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         mirror_axes = tuple(range(len(cfg.patch_size))) if mirror else None
         predictor.manual_initialization(network.to(device), plans_manager, cfg, None, model_json, "nnUNetTrainer",
                                         mirror_axes)
