@@ -10,6 +10,8 @@ Phase 2, ``replay`` (seconds): for every candidate setting, the adaptive rule (`
 alone, the adaptive scoring's first n draws of a case are the first n columns of its row: the replay is the run.
 ``--orders P`` replays every rule also on P random orders of the draws (one order for all cases, so the draws stay
 common), as if MDS had used another seed: forward fraction and Jaccard as mean and worst case over the orders.
+Two checks of the goal itself follow, per fold and task: how often R fixed draws repeat their own top K (bootstrap
+of the draws), and what a fixed-budget top-K rule (SAR) reproduces with exactly ``--goal`` of the draws.
 
     python benchmarks/bench_mds_rule.py score --workdir W --plans-name P [--tasks 1 2 3 4]
     python benchmarks/bench_mds_rule.py replay --workdir W --plans-name P --choose-fold 0 --report-fold 1
@@ -152,6 +154,71 @@ def choose_rule(table: dict, goal: float) -> tuple:
     return min(exact, key=lambda c: summarise(table[c])["forward_fraction_mean"])
 
 
+def self_agreement(losses: dict[str, np.ndarray], cases: list[str], k: int, n_boot: int, rng) -> float:
+    """How often R fixed draws repeat their own top K: the share of bootstrap resamples of the R draws (the same
+    resampled draw indices for every case, so the draws stay common) whose top K equals the top K of all R. Where
+    this is below 1, the fixed-R buffer itself is a coin flip at the boundary, and no cheaper rule can reproduce it
+    reliably."""
+    matrix = np.stack([losses[c] for c in cases])
+    reference = set(np.argsort(matrix.mean(1), kind="stable")[:k])
+    hits = [set(np.argsort(matrix[:, rng.integers(0, matrix.shape[1], matrix.shape[1])].mean(1),
+                           kind="stable")[:k]) == reference for _ in range(n_boot)]
+    return float(np.mean(hits))
+
+
+def successive_accepts_rejects(matrix: np.ndarray, k: int, budget: int) -> tuple[set[int], int]:
+    """Fixed-budget top-K identification (Bubeck, Wang & Viswanathan 2013, "SAR"): n - 1 phases with draw counts
+    growing as 1 / (n + 1 - phase); after each, the case with the clearest gap is accepted (best) or rejected
+    (worst). Every active case has the same draws, so the gaps are differences on common draws. (buffer, draws)."""
+    n = matrix.shape[0]
+    log_bar = 0.5 + sum(1.0 / i for i in range(2, n + 1))
+    active, accepted, slots, drawn, n_prev = list(range(n)), [], k, 0, 0
+    for phase in range(1, n):
+        if slots in (0, len(active)):
+            break
+        n_k = max(n_prev, int(np.ceil((budget - n) / (log_bar * (n + 1 - phase)))))
+        drawn, n_prev = drawn + (n_k - n_prev) * len(active), n_k
+        means = matrix[active, :n_k].mean(1)
+        order = np.argsort(means, kind="stable")
+        if means[order[slots]] - means[order[0]] > means[order[-1]] - means[order[slots - 1]]:
+            accepted.append(active.pop(int(order[0])))
+            slots -= 1
+        else:
+            active.pop(int(order[-1]))
+    if slots:
+        means = matrix[active, :max(n_prev, 1)].mean(1)
+        accepted += [active[i] for i in np.argsort(means, kind="stable")[:slots]]
+    return set(accepted), drawn
+
+
+def reference_checks(args, losses_by_task: dict, fold: int, orders, budget_fraction: float) -> dict:
+    """Per task of ``fold``: the fixed-R top K's bootstrap self-agreement, and SAR's exact share and draws at
+    ``budget_fraction`` of the fixed draws (over the draw orders)."""
+    from nnunetv2_medseqft.method.settings import MDSSettings
+
+    rng = np.random.default_rng(2024)
+    out = {}
+    for task, losses in losses_by_task.items():
+        cases = fold_cases(args.workdir, task, fold)
+        k = MDSSettings().buffer_size(len(cases))
+        matrix = np.stack([losses[c] for c in cases])
+        reference = set(np.argsort(matrix.mean(1), kind="stable")[:k])
+        budget = int(budget_fraction * matrix.size)
+        runs = [successive_accepts_rejects(matrix[:, order], k, budget) for order in orders]
+        out[task] = {"self_agreement": self_agreement(losses, cases, k, 400, rng),
+                     "sar_exact_share": float(np.mean([chosen == reference for chosen, _ in runs])),
+                     "sar_forward_fraction": float(np.mean([d for _, d in runs]) / matrix.size)}
+    return out
+
+
+def print_reference_checks(fold: int, checks: dict, budget_fraction: float) -> None:
+    print(f"\nfold {fold}: the fixed-R top K's own repeatability (400 bootstrap resamples of its draws) and a "
+          f"fixed-budget rule (SAR) at {budget_fraction:.0%} of the draws")
+    print(f"{'task':<26} {'R self-agreement':>16} {'SAR exact':>10} {'SAR fwd frac':>12}")
+    for task, c in checks.items():
+        print(f"{task:<26} {c['self_agreement']:>16.2f} {c['sar_exact_share']:>10.2f} {c['sar_forward_fraction']:>12.3f}")
+
+
 def replay_main(args) -> None:
     losses_by_task = {t: load_losses(args.workdir, t) for t in task_names(args.workdir, args.tasks)}  # read once
     n_draws = min(len(v) for losses in losses_by_task.values() for v in losses.values())
@@ -163,6 +230,10 @@ def replay_main(args) -> None:
     report = replay_fold(args, losses_by_task, args.report_fold, [chosen, ("zone", 0.02, 0.99)], orders)
     print_table(f"fold {args.report_fold} (reporting): the chosen rule and the rule before", report)
     first = {task: rs[0] for task, rs in report[chosen].items()}
+    checks = {fold: reference_checks(args, losses_by_task, fold, orders, args.goal)
+              for fold in (args.choose_fold, args.report_fold)}
+    for fold, c in checks.items():
+        print_reference_checks(fold, c, args.goal)
     print(json.dumps({
         "chosen": {"rule": chosen[0], "tolerance": chosen[1], "confidence": chosen[2]},
         "chosen_on_fold": args.choose_fold, "reported_fold": args.report_fold, "fixed_repeats": n_draws,
@@ -171,6 +242,10 @@ def replay_main(args) -> None:
         "topk_jaccard": {t: r["topk_jaccard"] for t, r in first.items()},
         "over_orders": {k: round(v, 4) for k, v in summarise(report[chosen]).items()},
         "before_over_orders": {k: round(v, 4) for k, v in summarise(report[("zone", 0.02, 0.99)]).items()},
+        "reference_self_agreement": {f"fold{f}": {t: round(c["self_agreement"], 3) for t, c in checks[f].items()}
+                                     for f in checks},
+        "sar_at_goal_exact_share": {f"fold{f}": {t: round(c["sar_exact_share"], 3) for t, c in checks[f].items()}
+                                    for f in checks},
     }))
 
 
