@@ -24,6 +24,7 @@ The LAST line printed is a JSON object:
                                  unseen_run, unseen_m0
   compute                        per method: training iterations and wall minutes per seed (mean over seeds)
   scale, budget                  what was run
+  chosen_on_fold, reported_fold  the fold whose results chose the defaults (``--chosen-on-fold``) and this run's fold
 
 Full protocol at the CPU scale: ``python benchmarks/bench_fidelity.py --workdir W`` (4 tasks + 2 unseen,
 3 seeds, every method); ``--jobs 2`` runs two at a time with one torch thread each (wall minutes per method are
@@ -194,6 +195,8 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=4, help="sequential tasks (1-4)")
     p.add_argument("--unseen", type=int, default=2, help="unseen tasks (0-2)")
     p.add_argument("--fold", default="0")
+    p.add_argument("--chosen-on-fold", default="0",
+                   help="the fold whose results chose today's defaults (recorded; report on another fold)")
     p.add_argument("--epochs", type=int, default=None, help="per task (default: the scale's)")
     p.add_argument("--iterations", type=int, default=None, help="per epoch (default: the scale's)")
     p.add_argument("--val-iterations", type=int, default=None, help="per epoch (default: the scale's)")
@@ -250,7 +253,8 @@ def main() -> None:
     methods = {m: {k: {"mean": v["mean"], "sd": v["sd"]} for k, v in metrics.items()} for m, metrics in rows.items()}
     parallel = rows.get("parallel", {}).get("mean_dice", {}).get("mean")
     print(json.dumps({**means, "parallel_mean_dice": parallel, "per_seed": per_seed, "methods": methods,
-                      "compute": compute, "scale": scale.name, "budget": budget}))
+                      "compute": compute, "scale": scale.name, "budget": budget,
+                      "chosen_on_fold": args.chosen_on_fold, "reported_fold": args.fold}))
 
 
 def _label(name: str) -> str:

@@ -183,6 +183,13 @@ def test_seqfft_run_with_unseen_task_then_report_and_compare(nnunet, tiny_founda
     assert "MedSeqFTFFTTrainer__MedSeqFTPlans_t-seqfft__3d_fullres" in models
     # the M0 reference is keyed by foundation, budget, seed and fold, not by run: runs that agree share it
     assert any(m.startswith("MedSeqFTFFTTrainer__MedSeqFTPlans-") and ".fromM0-" in m for m in models)
+    # seqFFT's first task is full fine-tuning of M0 too: the reference's folder; its second task the run's own
+    steps = manifest(nnunet, "t-seqfft")["steps"]
+    first, second = (Path(steps[f"train/{d}"]["outputs"]["model"]["path"]) for d in
+                     ("Dataset501_MSFTLiver", "Dataset502_MSFTSpleen"))
+    reference_plans = next(m for m in models if ".fromM0-" in m).split("__")[1]
+    assert first.parent.parent.name.split("__")[1] == reference_plans
+    assert second.parent.parent.name == "MedSeqFTFFTTrainer__MedSeqFTPlans_t-seqfft__3d_fullres"
 
     out = nnunet.root / "report"
     run(["medseqft", "report", "t-medseqft", "t-seqfft", "--out", str(out)], nnunet)
@@ -222,6 +229,28 @@ print(runner._plans_name(from_m0=True))
 """
     proc = run_python(code, nnunet)
     assert proc.stdout.split()[-1] in {Path(m).name.split("__")[1] for m in models}, proc.stdout
+    # parallel FFT (every task from M0) would take seqFFT's first task as its own and train only the second;
+    # a run begun before the sharing (no mark in its manifest) keeps its tasks in its own folders
+    code = f"""
+from nnunetv2_medseqft.cli.main import build_parser
+from nnunetv2_medseqft.sequence.manifest import SHARED_M0_TASKS, Manifest
+from nnunetv2_medseqft.sequence.request import request_from_args, validate
+from nnunetv2_medseqft.sequence.runner import Runner
+argv = {run_cmd(tiny_foundation, "t-parallel", "parallel")[1:]!r}
+args = build_parser().parse_args(argv)
+args.argv = argv[1:]
+request = request_from_args(args)
+foundation = validate(request)
+manifest = Manifest.open({str(nnunet.root / "t-parallel")!r}, request.name, request.settings(foundation.sha256), "")
+manifest.data[SHARED_M0_TASKS] = True
+runner = Runner(request, foundation, manifest, log=lambda *a: None)
+print(runner._task_model("Dataset501_MSFTLiver"), runner._task_model("Dataset502_MSFTSpleen"))
+del manifest.data[SHARED_M0_TASKS]
+print(Runner(request, foundation, manifest, log=lambda *a: None)._task_model("Dataset501_MSFTLiver"))
+"""
+    shared_first, shared_second, own_first = run_python(code, nnunet).stdout.split()[-3:]
+    assert Path(shared_first) == first and Path(shared_second).parent.parent.name.split("__")[1] == reference_plans
+    assert Path(own_first).parent.parent.name == "MedSeqFTFFTTrainer__MedSeqFTPlans_t-parallel__3d_fullres"
     table = run(["medseqft", "compare", "t-medseqft", "t-seqfft"], nnunet).stdout
     assert "| medseqft" in table and "| seqfft" in table
 

@@ -6,6 +6,10 @@ over liver -> spleen, and prints the comparison table and the report's path (wit
 ground truth and prediction per task). Unseen-task transfer is left to ``benchmarks/bench_fidelity.py``:
 it doubles the training count. Everything goes under ``--out`` (nnU-Net folders included); nnU-Net's
 variables are set for the child processes only. Re-running with the same ``--out`` resumes.
+
+On a CPU the methods run in two lanes at once, one torch thread each (two single-threaded trainings do 1.35x
+the iterations of one two-threaded training): MedSeqFT in one, seqFFT then parallel FFT in the other, which
+reuses seqFFT's first task (both are full fine-tuning of M0: one shared training, see ``sequence/runner.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 
@@ -22,6 +27,8 @@ SCALE = "cpu"
 POOL_ID, FIRST_TASK, NUM_TASKS = 500, 501, 2  # synth with 2 tasks: 501 liver, 502 spleen (503/504 unseen, unused)
 PRETRAINER = "MedSeqFTPretrainTrainer_cpuDemo"  # 8 of _cpu's 60 epochs (reconstruction score ~0.79 vs ~0.89)
 METHODS = ("medseqft", "seqfft", "parallel")
+# on a CPU: lanes run at once, one torch thread each; parallel after seqfft reuses their shared first task
+CPU_LANES = (("medseqft",), ("seqfft", "parallel"))
 # liver and spleen are learned at 16 x 50; the scale's 24 epochs are for the pancreas of the 4-task benchmark
 DEMO_EPOCHS = 16
 MDS_ARGS = ["--mds", "repeats=16"]  # 16 draws per case: the buffer of a demo, not the paper's 1000
@@ -80,15 +87,17 @@ def run_demo(out: str, device: str = "cpu") -> str:
               ["nnUNetv2_train", str(POOL_ID), "3d_fullres", "all", "-tr", PRETRAINER, "-p", scale.plans_name,
                "-device", device], env, log_file)
     tasks = [str(FIRST_TASK + i) for i in range(NUM_TASKS)]
-    runs = []
-    for method in METHODS:  # one after the other: concurrent runs oversubscribe 2 cores (5x slower epochs)
-        name = f"demo-{method}"
-        print(f"== medseqft run --method {method} over datasets {' '.join(tasks)}", flush=True)
-        cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", foundation, "--datasets", *tasks,
-               "--method", method, "--name", name, "--device", device, *scale.budget_args(DEMO_EPOCHS), *MDS_ARGS]
-        if subprocess.run(cmd, env=env).returncode != 0:
-            raise MedSeqFTError(f"The {method} run stopped. Resume the demo with: medseqft demo --out {out}")
-        runs.append(os.path.join(env["nnUNet_results"], "medseqft_runs", name))
+    commands = {method: [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", foundation,
+                         "--datasets", *tasks, "--method", method, "--name", f"demo-{method}", "--device", device,
+                         *scale.budget_args(DEMO_EPOCHS), *MDS_ARGS] for method in METHODS}
+    lanes = CPU_LANES if device == "cpu" else (METHODS,)  # a GPU: one run at a time
+    print(f"== medseqft run over datasets {' '.join(tasks)}: "
+          + "; ".join(" then ".join(lane) for lane in lanes) + (" (at once)" if len(lanes) > 1 else ""), flush=True)
+    failed = run_lanes([[(m, commands[m]) for m in lane] for lane in lanes], env)
+    if failed:
+        raise MedSeqFTError(f"The {' and '.join(failed)} run{'s' if len(failed) > 1 else ''} stopped (the output "
+                            f"above says why). Resume the demo with: medseqft demo --out {out}")
+    runs = [os.path.join(env["nnUNet_results"], "medseqft_runs", f"demo-{m}") for m in METHODS]
     report = write_report(runs, out=os.path.join(out, "report"))
     print()
     print(markdown_table(compare_rows([load_results(r) for r in runs])))
@@ -97,6 +106,38 @@ def run_demo(out: str, device: str = "cpu") -> str:
     print(f"Demo finished in {(time.time() - start) / 60:.1f} min. Task models are in "
           f"{env['nnUNet_results']} (nnU-Net layout: nnUNetv2_predict works on each).")
     return report
+
+
+def run_lanes(lanes: list[list[tuple[str, list[str]]]], env: dict) -> list[str]:
+    """Run the lanes at once (with several, each child gets one torch thread per lane's share of the cores), the
+    commands of a lane one after the other, a lane stopping at its first failure; every output line is printed
+    with its label. Returns the labels that failed (a lane's failure leaves the other lanes running)."""
+    from nnunetv2_medseqft.sequence.train_process import _command
+    from nnunetv2_medseqft.threads import THREADS_ENV
+
+    env = {**env, "PYTHONUNBUFFERED": "1"}  # lines as they come, not in bursts through the pipe
+    if len(lanes) > 1:
+        env[THREADS_ENV] = str(max(1, (os.cpu_count() or 1) // len(lanes)))
+    failed, print_lock = [], threading.Lock()
+
+    def lane_main(lane: list[tuple[str, list[str]]]) -> None:
+        for label, cmd in lane:
+            proc = subprocess.Popen(_command(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1)
+            for line in proc.stdout:
+                with print_lock:
+                    print(f"[{label}] {line}", end="", flush=True)
+            if proc.wait() != 0:
+                failed.append(label)
+                return
+
+    threads = [threading.Thread(target=lane_main, args=(lane,), daemon=True) for lane in lanes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():  # join in steps, so that Ctrl-C reaches this thread (the children get it too)
+            t.join(timeout=0.5)
+    return failed
 
 
 def run(args) -> int:

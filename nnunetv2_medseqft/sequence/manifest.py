@@ -22,6 +22,8 @@ from nnunetv2_medseqft.sequence.layout import LOCK_FILE, MANIFEST_FILE
 
 FORMAT = "medseqft-run-manifest"
 VERSION = 1
+# set in the manifest of every run begun since full fine-tunings of M0 on a sequence's tasks are shared (runner.py)
+SHARED_M0_TASKS = "shared_m0_tasks"
 
 
 def now() -> str:

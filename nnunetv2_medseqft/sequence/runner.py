@@ -9,8 +9,10 @@ Steps of a run, in order (each recorded in the manifest, see ``manifest.py``):
                 ``MedSeqFTPlans_<run>`` holding the run's settings (so every run has its own results folders)
   evaluate/D    Dice/HD95 of M_t (and F_t) on the fold's validation cases
   evaluate/R    the R matrix, ACC, BWT, FWT
-  unseen/U/...  full fine-tuning of the run's final body and of M0 (plans ``MedSeqFTPlans_<run>.fromM0``)
+  unseen/U/...  full fine-tuning of the run's final body and of M0 (plans ``MedSeqFTPlans-<sha>.fromM0-<key>``)
                 on each unseen dataset, then both evaluated
+Full fine-tuning of M0 on a dataset (the unseen reference, parallel FFT's tasks, seqFFT's first task) is one
+training per foundation, budget, seed and fold, shared by every run that needs it (``_is_m0_reference``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import start_from_foundation
 from nnunetv2_medseqft.paths import model_folder, portable
 from nnunetv2_medseqft.sequence.layout import LOGS_FOLDER, RESULTS_FILE, run_folder
-from nnunetv2_medseqft.sequence.manifest import Manifest, RunLock
+from nnunetv2_medseqft.sequence.manifest import SHARED_M0_TASKS, Manifest, RunLock
 from nnunetv2_medseqft.sequence.recipes import UNSEEN_TRAINER, Method, get_method
 from nnunetv2_medseqft.sequence.request import (
     RunRequest,
@@ -65,8 +67,10 @@ class Runner(TaskSteps, ScoringSteps):
             for i, d in enumerate(r.datasets):
                 if m.mds:
                     steps.append((f"select/{d}", lambda i=i, d=d: self._select(i, d)))
-                self.trainings[f"train/{d}"] = (d, lambda i=i: self._start_model(i), False)
-                steps.append((f"train/{d}", lambda i=i, d=d: self._train(d, self._start_model(i))))
+                shared = self._is_m0_reference(d)
+                self.trainings[f"train/{d}"] = (d, lambda i=i: self._start_model(i), shared)
+                steps.append((f"train/{d}", lambda i=i, d=d, shared=shared: self._train(d, self._start_model(i),
+                                                                                    from_m0=shared)))
                 steps.append((f"evaluate/{d}", lambda d=d: self._evaluate_task(d)))
             steps.append(("evaluate/R", self._evaluate_r))
         for u in r.unseen:
@@ -110,8 +114,19 @@ class Runner(TaskSteps, ScoringSteps):
         return model_folder(dataset, self._trainer(dataset), self._plans_name(from_m0), self.request.configuration,
                             self.request.fold)
 
+    def _is_m0_reference(self, dataset: str) -> bool:
+        """A task of the sequence that is plain full fine-tuning of M0 (parallel FFT's tasks, seqFFT's first) with the
+        run's budget and seed is the M0 reference that unseen tasks use: trained once, in the reference's folder, and
+        reused by every run that agrees (``reference_plans_name``). Runs started before this sharing keep their
+        own folders (no ``SHARED_M0_TASKS`` mark in their manifest)."""
+        r, m = self.request, self.method
+        if not self.manifest.data.get(SHARED_M0_TASKS) or m.union or m.trainer != UNSEEN_TRAINER \
+                or dataset not in r.datasets:  # (--rft is moot for the FFT trainer: stage A only)
+            return False
+        return not m.chained or dataset == r.datasets[0]
+
     def _task_model(self, dataset: str, which: str = "M") -> str:
-        return os.path.join(self._model_folder(dataset),
+        return os.path.join(self._model_folder(dataset, self._is_m0_reference(dataset)),
                             "checkpoint_fft.pth" if which == "F" else "checkpoint_final.pth")
 
     def _start_model(self, i: int) -> str:
@@ -146,6 +161,7 @@ def run_sequence(request: RunRequest, log=print) -> str:
         manifest.data["foundation"] = {"path": portable(request.foundation), "sha256": foundation.sha256}
         manifest.data.setdefault("command", request.command)  # the first command: resumes repeat its settings
         if not manifest.data["steps"]:
+            manifest.data.setdefault(SHARED_M0_TASKS, True)  # a new run; one begun before the sharing lacks the mark
             manifest.save()
         runner = Runner(request, foundation, manifest, log=log)
         try:

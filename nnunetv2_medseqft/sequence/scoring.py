@@ -12,7 +12,6 @@ from nnunetv2_medseqft.jsonio import read_json, write_json_atomic
 from nnunetv2_medseqft.paths import portable, raw_dataset_json
 from nnunetv2_medseqft.reports.overlays import overlay_file
 from nnunetv2_medseqft.sequence.layout import RESULTS_FILE
-from nnunetv2_medseqft.sequence.request import run_plans_name
 from nnunetv2_medseqft.sequence.union_dataset import label_map_for
 
 RESULTS_FORMAT = "medseqft-run-results/1"
@@ -46,7 +45,8 @@ class ScoringSteps:
 
     def _validation(self, dataset: str, plans: str | None = None, model_dataset_json: dict | None = None):
 
-        return ValidationSet.load(dataset, plans or run_plans_name(self.request.name), self.request.configuration,
+        plans = plans or self._plans_name(self._is_m0_reference(dataset))  # the plans its model was trained with
+        return ValidationSet.load(dataset, plans, self.request.configuration,
                                   self.request.fold, device=self.request.device, mirror=self.request.mirror,
                                   model_dataset_json=model_dataset_json)
 

@@ -1,0 +1,33 @@
+"""``medseqft demo``'s lanes: runs at once with a share of the cores each, output labelled, failures named
+(real child processes; the demo's trainings themselves are measured by running it, see README)."""
+
+import os
+import sys
+
+from nnunetv2_medseqft.reports.demo import CPU_LANES, METHODS, run_lanes
+from nnunetv2_medseqft.threads import THREADS_ENV
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_lanes_run_at_once_label_their_output_and_stop_at_their_first_failure(capsys):
+    threads = "import os; print('threads', os.environ.get('" + THREADS_ENV + "'))"
+    failed = run_lanes([[("a", _python(threads)), ("b", _python("import sys; sys.exit(3)")), ("c", _python(threads))],
+                        [("d", _python("print('line 1'); print('line 2')"))]], dict(os.environ))
+    out = capsys.readouterr().out.splitlines()
+    assert failed == ["b"]
+    assert f"[a] threads {max(1, (os.cpu_count() or 1) // 2)}" in out
+    assert "[d] line 1" in out and "[d] line 2" in out
+    assert not any(line.startswith("[c]") for line in out)  # the lane stopped at b
+
+
+def test_one_lane_keeps_nnunets_threads_and_the_cpu_lanes_hold_every_method_once(capsys):
+    env = {k: v for k, v in os.environ.items() if k != THREADS_ENV}
+    assert run_lanes([[("x", _python("import os; print(os.environ.get('" + THREADS_ENV + "'))"))]], env) == []
+    assert capsys.readouterr().out.strip() == "[x] None"
+    assert sorted(m for lane in CPU_LANES for m in lane) == sorted(METHODS)
+    # parallel FFT reuses seqFFT's first task only if it runs after it
+    lane = next(lane for lane in CPU_LANES if "parallel" in lane)
+    assert "seqfft" in lane and lane.index("seqfft") < lane.index("parallel")
