@@ -532,7 +532,9 @@ def test_m0_transfer_encoder_starts_from_m0s_encoder_and_a_fresh_decoder(nnunet,
         nnunet)
     folder = nnunet.results / "medseqft_runs" / name
     assert manifest(nnunet, name)["settings"]["m0_transfer"] == "encoder"
-    start = next(nnunet.results.glob(f"Dataset501_*/MedSeqFTFFTTrainer__MedSeqFTPlans_{name}__3d_fullres/fold_0"))
+    # parallel's task is full fine-tuning of M0: the shared reference's folder, recorded in the manifest
+    start = Path(manifest(nnunet, name)["steps"]["train/Dataset501_MSFTLiver"]["outputs"]["model"]["path"]).parent
+    assert ".fromM0-" in start.parent.name
     loaded = torch.load(start / "previous_model.pth", map_location="cpu", weights_only=False)["network_weights"]
     m0 = torch.load(tiny_foundation, map_location="cpu", weights_only=False)["network_weights"]
     encoder = [k for k in loaded if k.startswith("encoder.")]
