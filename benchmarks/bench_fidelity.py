@@ -132,7 +132,7 @@ def archive_run(archive: Path, name: str, digest: str) -> None:
 
 def run_method(args, f: Path, method: str, seed: int) -> str:
     from nnunetv2_medseqft.scales import get_scale
-    from nnunetv2_medseqft.threads import THREADS_ENV
+    from nnunetv2_medseqft.threads import threads_env
 
     name = run_name(method, seed, args.fold)
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
@@ -158,7 +158,7 @@ def run_method(args, f: Path, method: str, seed: int) -> str:
         log = Path(args.workdir) / "fidelity_logs" / f"{name}.log"
         log.parent.mkdir(exist_ok=True)
         print(f"== {name} (output: {log})", flush=True)
-        env = {**os.environ, THREADS_ENV: str(max(1, (os.cpu_count() or 1) // args.jobs))}
+        env = {**os.environ, **threads_env(args.jobs)}
         with open(log, "a") as out:
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:

@@ -14,6 +14,11 @@ from nnunetv2_medseqft.errors import MedSeqFTError
 THREADS_ENV = "MEDSEQFT_TORCH_THREADS"
 
 
+def threads_env(jobs: int) -> dict:
+    """The environment entry that gives each of ``jobs`` processes run at once its share of the cores."""
+    return {THREADS_ENV: str(max(1, (os.cpu_count() or 1) // max(1, jobs)))}
+
+
 def apply_torch_threads() -> None:
     value = os.environ.get(THREADS_ENV, "").strip()
     if not value:

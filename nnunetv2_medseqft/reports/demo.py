@@ -113,11 +113,10 @@ def run_lanes(lanes: list[list[tuple[str, list[str]]]], env: dict) -> list[str]:
     commands of a lane one after the other, a lane stopping at its first failure; every output line is printed
     with its label. Returns the labels that failed (a lane's failure leaves the other lanes running)."""
     from nnunetv2_medseqft.sequence.train_process import _command
-    from nnunetv2_medseqft.threads import THREADS_ENV
+    from nnunetv2_medseqft.threads import threads_env
 
-    env = {**env, "PYTHONUNBUFFERED": "1"}  # lines as they come, not in bursts through the pipe
-    if len(lanes) > 1:
-        env[THREADS_ENV] = str(max(1, (os.cpu_count() or 1) // len(lanes)))
+    env = {**env, "PYTHONUNBUFFERED": "1",  # lines as they come, not in bursts through the pipe
+           **(threads_env(len(lanes)) if len(lanes) > 1 else {})}
     failed, print_lock = [], threading.Lock()
 
     def lane_main(lane: list[tuple[str, list[str]]]) -> None:
