@@ -22,7 +22,11 @@ The LAST line printed is a JSON object:
   parallel_mean_dice             mean task Dice of parallel FFT
   methods                        per method: mean/sd of mean_dice, mean_hd95, acc, bwt, bwt_encoder, fwt,
                                  unseen_run, unseen_m0
-  compute                        per method: training iterations and wall minutes per seed (mean over seeds)
+  compute                        per method and seed (mean over seeds): training iterations, train and wall minutes;
+                                 per sequential task: iterations and minutes of selection + training
+  per_task_dice                  per method, mean over seeds of each task's Dice (``medseqft F_t``: its stage-A model)
+  decomposition                  MedSeqFT - parallel FFT split per seed into the chain (seqFFT - parallel FFT), the
+                                 chain's history under MedSeqFT (its F_t - seqFFT) and stage B (its M_t - F_t)
   scale, budget                  what was run
   chosen_on_fold, reported_fold  the fold whose results chose the defaults (``--chosen-on-fold``) and this run's fold
 
@@ -52,9 +56,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from nnunetv2_medseqft.method.settings import RFTSettings  # noqa: E402
-
 from bench_mds import POOL_ID, add_scale_args, build_foundation, random_init_foundation, set_env  # noqa: E402
+
+from nnunetv2_medseqft.method.settings import RFTSettings  # noqa: E402
 
 ALL_METHODS = ("medseqft", "seqfft", "parallel", "random-buffer", "scratch", "parallel-matched", "lora", "multitask")
 # independent task models: the last one is no "final body" of a sequence
@@ -181,8 +185,7 @@ def differences(rows: dict) -> tuple[dict, dict]:
         per_seed[key] = paired(a, b, metric)
     per_seed["unseen_transfer_minus_m0_dice"] = {
         s: v for s, v in rows.get("medseqft", {}).get("unseen_gain", {}).get("per_seed", {}).items() if v is not None}
-    for key, values in per_seed.items():
-        means[key] = round(sum(values.values()) / len(values), 2) if values else None
+    means = {key: _mean(values) for key, values in per_seed.items()}
     return per_seed, means
 
 
@@ -235,6 +238,8 @@ def main() -> None:
     rows = compare_rows([{**load_results(d), "method": label} for d, label in zip(folders, labels)])
     report = write_report(folders, out=str(workdir / "fidelity_report"), labels=labels)
     per_seed, means = differences(rows)
+    by_label = {(label, s): d for d, label, s in zip(folders, labels, [n.rsplit("-s", 1)[1].split("-")[0] for n in names])}
+    per_task, parts = per_task_dice(by_label), decomposition(by_label)
     compute = {m: _compute([folders[names.index(n)] for n in rn], args.epochs, args.iterations)
                for m, rn in _by_method(names).items()}
     budget = {"pretrain_trainer": args.pretrain_trainer or scale.pretrain_trainer, "tasks": args.tasks, "fold": args.fold,
@@ -247,14 +252,71 @@ def main() -> None:
     print("compute per seed (mean over seeds): " + "; ".join(
         f"{m} {c['iterations']} iterations, {c['train_minutes']} train min, {c['wall_minutes']} wall min"
         for m, c in compute.items()))
+    print("per sequential task (selection + training): " + "; ".join(
+        f"{m} {c['task_iterations']} iterations, {c['task_minutes']} min" for m, c in compute.items()))
     for key, values in per_seed.items():
         print(f"{key}: mean {means[key]} per seed {({s: round(v, 2) for s, v in values.items()})}")
+    print()
+    print(per_task_table(per_task))
+    for key, values in parts.items():
+        print(f"{key}: mean {_mean(values)} per seed {({s: round(v, 2) for s, v in values.items()})}")
     print(f"report: {report}")
     methods = {m: {k: {"mean": v["mean"], "sd": v["sd"]} for k, v in metrics.items()} for m, metrics in rows.items()}
     parallel = rows.get("parallel", {}).get("mean_dice", {}).get("mean")
     print(json.dumps({**means, "parallel_mean_dice": parallel, "per_seed": per_seed, "methods": methods,
-                      "compute": compute, "scale": scale.name, "budget": budget,
+                      "compute": compute, "per_task_dice": per_task,
+                      "decomposition": {k: {"mean": _mean(v), "per_seed": v} for k, v in parts.items()}, "scale": scale.name, "budget": budget,
                       "chosen_on_fold": args.chosen_on_fold, "reported_fold": args.fold}))
+
+
+def _task_means(folder: str, model: str) -> dict:
+    """Task -> Dice of the run's ``model`` (M or F; F falls back to M for methods without a stage-A model)."""
+    scores = json.loads((Path(folder) / "results.json").read_text())["scores"]
+    return {t: (v.get(model) or v["M"])["mean"]["dice"] for t, v in scores.items()}
+
+
+def per_task_dice(by_label: dict) -> dict:
+    """Method -> task -> mean over seeds of the task's Dice; MedSeqFT's stage-A models as ``medseqft F_t``."""
+    out: dict = {}
+    for (label, _), folder in by_label.items():
+        for model, key in (("M", label), ("F", f"{label} F_t")):
+            if model == "F" and label not in ("medseqft", "random-buffer"):
+                continue
+            for task, dice in _task_means(folder, model).items():
+                out.setdefault(key, {}).setdefault(task, []).append(dice)
+    return {k: {t: round(sum(v) / len(v), 2) for t, v in tasks.items() if None not in v} for k, tasks in out.items()}
+
+
+def per_task_table(per_task: dict) -> str:
+    tasks = list(next(iter(per_task.values()), {}))
+    lines = ["| method | " + " | ".join(t.split("_", 1)[-1] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(f"{v.get(t, float('nan')):.1f}" for t in tasks) + " |" for m, v in per_task.items()]
+    return "\n".join(lines)
+
+
+def decomposition(by_label: dict) -> dict:
+    """Per seed, MedSeqFT - parallel FFT (mean task Dice) = chain + history + stage B, where chain = seqFFT -
+    parallel FFT (what training the tasks in sequence gives), history = MedSeqFT's F_t - seqFFT (the same stage-A
+    recipe, started from MedSeqFT's earlier M_t instead of seqFFT's models) and stage B = M_t - F_t."""
+    def mean(label, seed, model):
+        folder = by_label.get((label, seed))
+        values = list(_task_means(folder, model).values()) if folder else [None]
+        return None if None in values else sum(values) / len(values)
+
+    parts: dict = {"chain_seqfft_minus_parallel": {}, "history_medseqft_ft_minus_seqfft": {},
+                   "stage_b_medseqft_mt_minus_ft": {}}
+    for seed in sorted({s for _, s in by_label}):
+        par, seq = mean("parallel", seed, "M"), mean("seqfft", seed, "M")
+        f_t, m_t = mean("medseqft", seed, "F"), mean("medseqft", seed, "M")
+        if None in (par, seq, f_t, m_t):
+            continue
+        for key, value in zip(parts, (seq - par, f_t - seq, m_t - f_t)):
+            parts[key][int(seed)] = value
+    return parts
+
+
+def _mean(values: dict):
+    return round(sum(values.values()) / len(values), 2) if values else None
 
 
 def _label(name: str) -> str:
@@ -280,19 +342,24 @@ def _archived(archive: Path | None, name: str) -> bool:
 def _compute(folders: list[str], epochs: int, iterations: int) -> dict:
     """Per seed: training iterations (the epochs each task model logged, stage B included; ``epochs`` for each
     unseen-task model; a shared M0 reference counts for the run that trained it) and minutes from the run's
-    manifest (train steps, and all steps)."""
+    manifest (train steps, and all steps); per sequential task: its iterations and the minutes of its selection
+    (MDS) and training, what a user pays for one task."""
     per = []
     for folder in folders:
         steps = json.loads((Path(folder) / "manifest.json").read_text())["steps"]
         curves = json.loads((Path(folder) / "results.json").read_text()).get("curves", {})
         train = [s for k, s in steps.items()
                  if k.startswith("train/") or (k.startswith("unseen/") and not k.endswith("/evaluate"))]
+        task = [s for k, s in steps.items() if k.startswith(("train/", "select/"))]
         n_unseen = sum(k.startswith("unseen/") and not k.endswith("/evaluate") for k in steps)
         task_epochs = sum(len(c.get("train_losses", [])) for c in curves.values())
+        n_tasks = max(1, len(curves))
         per.append(((task_epochs + n_unseen * epochs) * iterations, sum(s.get("seconds") or 0 for s in train) / 60,
-                    sum(s.get("seconds") or 0 for s in steps.values()) / 60))
+                    sum(s.get("seconds") or 0 for s in steps.values()) / 60, task_epochs * iterations / n_tasks,
+                    sum(s.get("seconds") or 0 for s in task) / 60 / n_tasks))
     mean = [round(sum(v) / len(v), 1) for v in zip(*per)]
-    return {"iterations": int(mean[0]), "train_minutes": mean[1], "wall_minutes": mean[2]}
+    return {"iterations": int(mean[0]), "train_minutes": mean[1], "wall_minutes": mean[2],
+            "task_iterations": int(mean[3]), "task_minutes": mean[4]}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The fidelity benchmark's archive: what lets its protocol continue on another machine (no training here)."""
+"""The fidelity benchmark without training: its archive (what lets the protocol continue on another machine) and tables."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -50,3 +51,34 @@ def test_a_finished_run_is_archived_whole_and_counts_as_done(tmp_path, monkeypat
     assert (kept / "overlays" / "Dataset501_MSFTLiver.npz").read_bytes() == b"npz"
     assert '"foundation_sha256": "abc"' in (kept / "archive.json").read_text()
     assert not list(archive.glob("runs/*.partial"))
+
+
+def fake_run(folder: Path, task_dice: dict, seconds: float = 60.0, epochs: int = 2) -> str:
+    """results.json and manifest.json of a finished run: task -> (Dice of M_t, Dice of F_t or None)."""
+    folder.mkdir(parents=True)
+    scores = {t: {"M": {"mean": {"dice": m}}, **({"F": {"mean": {"dice": f}}} if f is not None else {})}
+              for t, (m, f) in task_dice.items()}
+    curves = {t: {"train_losses": [0.0] * epochs} for t in task_dice}
+    (folder / "results.json").write_text(json.dumps({"scores": scores, "curves": curves}))
+    steps = {f"train/{t}": {"seconds": seconds} for t in task_dice}
+    steps.update({f"select/{t}": {"seconds": 6.0} for t in task_dice} if epochs > 2 else {})
+    (folder / "manifest.json").write_text(json.dumps({"steps": steps}))
+    return str(folder)
+
+
+def test_decomposition_splits_medseqft_minus_parallel_into_chain_history_and_stage_b(tmp_path):
+    runs = {("parallel", "0"): fake_run(tmp_path / "p", {"A": (80.0, None), "B": (60.0, None)}),
+            ("seqfft", "0"): fake_run(tmp_path / "s", {"A": (80.0, None), "B": (66.0, None)}),
+            ("medseqft", "0"): fake_run(tmp_path / "m", {"A": (81.0, 82.0), "B": (63.0, 68.0)}, 90.0, 3)}
+    parts = bf.decomposition(runs)
+    assert parts["chain_seqfft_minus_parallel"] == {0: 3.0}  # (80 + 66 - 80 - 60) / 2
+    assert parts["history_medseqft_ft_minus_seqfft"] == {0: 2.0}  # (82 + 68 - 80 - 66) / 2
+    assert parts["stage_b_medseqft_mt_minus_ft"] == {0: -3.0}  # (81 + 63 - 82 - 68) / 2
+    assert sum(v[0] for v in parts.values()) == 2.0  # = MedSeqFT - parallel FFT: (81 + 63 - 80 - 60) / 2
+    per_task = bf.per_task_dice(runs)
+    assert per_task["medseqft F_t"] == {"A": 82.0, "B": 68.0} and "seqfft F_t" not in per_task
+    assert "| medseqft F_t | 82.0 | 68.0 |" in bf.per_task_table(per_task)
+    compute = bf._compute([runs[("medseqft", "0")]], epochs=3, iterations=10)
+    assert compute["task_iterations"] == 30 and compute["task_minutes"] == 1.6  # (90 + 6) s per task
+    del runs[("seqfft", "0")]  # a seed without every method is left out, not half-counted
+    assert bf.decomposition(runs)["stage_b_medseqft_mt_minus_ft"] == {}
