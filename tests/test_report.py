@@ -81,17 +81,31 @@ def test_compare_means_and_sds(four_runs, tmp_path, capsys):
     assert rows["medseqft"]["unseen_m0"]["mean"] == pytest.approx(38.0)
     assert rows["medseqft"]["unseen_gain"]["mean"] == pytest.approx(9.0)
     assert rows["seqfft"]["unseen_gain"]["per_seed"] == {0: -8.0, 1: -4.0}
+    assert rows["seqfft"]["task_epochs"]["mean"] == pytest.approx(4.0)  # the curves' logged epochs per task
 
     out_md, out_json = tmp_path / "cmp.md", tmp_path / "cmp.json"
     assert run_cli("compare", four_runs + ["--out", str(out_md), "--json", str(out_json)]) == 0
     printed = capsys.readouterr().out
     assert "| medseqft | 2 | 82.0 ± 2.8 | 5.0 ± 1.4 | 80.0 ± 2.8 | -5.0 ± 0.0 | -2.0 ± 0.0 | 7.0 ± 0.0 | 47.0 ± 2.8 |" \
         in printed
-    assert "| seqfft | 2 | 73.0 ± 4.2 |" in printed
+    assert "| seqfft | 2 | 73.0 ± 4.2 |" in printed and "| Epochs / task |" in printed
     assert out_md.read_text().strip() == printed.strip()
     saved = json.loads(out_json.read_text())
     assert saved["seqfft"]["mean_hd95"]["mean"] == pytest.approx(9.0)
     assert saved["seqfft"]["mean_hd95"]["per_seed"] == {"0": 8.0, "1": 10.0}
+
+
+def test_epochs_per_task_column_shows_what_a_task_costs(tmp_path):
+    """MedSeqFT's stage B adds epochs to each task; a run scored before any training shows '-', not 0."""
+    longer = fabricate("medseqft", 0, 80.0)
+    longer["curves"][TASKS[1]]["train_losses"] = [1.0] * 6  # tasks of 4 and 6 epochs
+    unscored = fabricate("seqfft", 0, 70.0) | {"curves": {}}
+    rows = report.compare_rows([report.load_results(write_run(tmp_path, n, r))
+                                for n, r in (("long", longer), ("unscored", unscored))])
+    assert rows["medseqft"]["task_epochs"]["mean"] == pytest.approx(5.0)
+    assert rows["seqfft"]["task_epochs"]["mean"] is None
+    table = report.markdown_table(rows).splitlines()
+    assert table[0].endswith("| Epochs / task |") and table[2].endswith("| 5.0 |") and table[3].endswith("| - |")
 
 
 def test_duplicate_method_and_seed_refused(tmp_path):

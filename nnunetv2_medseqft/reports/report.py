@@ -31,6 +31,7 @@ METRICS = {
     "unseen_run": "Unseen Dice (run)",
     "unseen_m0": "Unseen Dice (M0)",
     "unseen_gain": "Unseen gain",
+    "task_epochs": "Epochs / task",
 }
 MODEL_NAMES = {"M": "M (task model)", "F": "F (stage A)"}
 DEFINITIONS = (
@@ -41,6 +42,8 @@ DEFINITIONS = (
     "what the encoder forgot counts. "
     "**FWT** = mean over j >= 2 of R[j-1][j] - R[0][j]: the body before task j against the foundation body. "
     "Unseen values are averaged over the unseen datasets; the gain is from-run minus from-M0. "
+    "**Epochs / task**: the epochs each task model trained (MedSeqFT: stages A and B), what a task costs "
+    "in training when the runs share the iterations per epoch. "
     "Each cell is the mean ± sd over seeds (sd only with more than one seed)."
 )
 
@@ -119,6 +122,7 @@ def _seed_values(results: dict) -> dict:
         "unseen_m0": _mean(m0),
         # only datasets scored both ways, so a half-scored dataset cannot fake a gain
         "unseen_gain": _mean(r - m for r, m in zip(run, m0) if r is not None and m is not None),
+        "task_epochs": _mean(len(_get(c, "train_losses") or []) or None for c in (results.get("curves") or {}).values()),
     }
 
 
