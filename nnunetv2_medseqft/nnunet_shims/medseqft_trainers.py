@@ -19,6 +19,7 @@ _NAMES: dict[str, str] = {
     "MedSeqFTLoRATrainer": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTLoRATrainer_100epochs": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTLoRATrainer_tiny": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTMultitaskTrainer": "nnunetv2_medseqft.trainers.multitask",
     "MedSeqFTPretrainTrainer": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTPretrainTrainer_250epochs": "nnunetv2_medseqft.trainers.pretrain",
     "MedSeqFTPretrainTrainer_50epochs": "nnunetv2_medseqft.trainers.pretrain",

@@ -26,6 +26,7 @@ TRAINERS: dict[str, str] = {
     "MedSeqFTFFTTrainer_tiny": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTLoRATrainer_tiny": "nnunetv2_medseqft.trainers.medseqft",
     "MedSeqFTTrainer_randomBuffer_tiny": "nnunetv2_medseqft.trainers.medseqft",
+    "MedSeqFTMultitaskTrainer": "nnunetv2_medseqft.trainers.multitask",
 }
 
 PLANNERS: dict[str, str] = {

@@ -24,6 +24,8 @@ FORMAT = "medseqft-run-manifest"
 VERSION = 1
 # set in the manifest of every run begun since full fine-tunings of M0 on a sequence's tasks are shared (runner.py)
 SHARED_M0_TASKS = "shared_m0_tasks"
+# set in every run begun since the multitask reference trains with the marginal loss (trainers/multitask.py)
+MARGINAL_MULTITASK = "marginal_multitask"
 
 
 def now() -> str:

@@ -23,7 +23,7 @@ class Method:
     @property
     def lora(self) -> bool:
         """Trains a stage B (LoRA on M_(t-1), merged), hence needs a buffer and a LoRA rank the network can use."""
-        return self.trainer != "MedSeqFTFFTTrainer"
+        return self.trainer not in ("MedSeqFTFFTTrainer", "MedSeqFTMultitaskTrainer")
 
     @property
     def two_stage(self) -> bool:
@@ -42,8 +42,9 @@ METHODS = {m.name: m for m in (
            "sequential LoRA only (merged after each task), no distillation"),
     Method("random-buffer", "MedSeqFTTrainer_randomBuffer", True, False, True, False,
            "MedSeqFT with a random buffer of the same size (MDS ablation)"),
-    Method("multitask", "MedSeqFTFFTTrainer", False, False, False, True,
-           "one full fine-tuning of M0 on the union of all tasks' training cases (sees all data at once)"),
+    Method("multitask", "MedSeqFTMultitaskTrainer", False, False, False, True,
+           "one full fine-tuning of M0 on the union of all tasks' training cases (sees all data at once; "
+           "the marginal loss for partial labels)"),
 )}
 
 # unseen-task transfer: the same full fine-tuning from the run's final body and from M0

@@ -24,7 +24,7 @@ from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import start_from_foundation
 from nnunetv2_medseqft.paths import model_folder, portable
 from nnunetv2_medseqft.sequence.layout import LOGS_FOLDER, RESULTS_FILE, run_folder
-from nnunetv2_medseqft.sequence.manifest import SHARED_M0_TASKS, Manifest, RunLock
+from nnunetv2_medseqft.sequence.manifest import MARGINAL_MULTITASK, SHARED_M0_TASKS, Manifest, RunLock
 from nnunetv2_medseqft.sequence.recipes import UNSEEN_TRAINER, Method, get_method
 from nnunetv2_medseqft.sequence.request import (
     RunRequest,
@@ -104,7 +104,9 @@ class Runner(TaskSteps, ScoringSteps):
 
     # ------------------------------------------------------------ models of this run
     def _trainer(self, dataset: str) -> str:
-        return UNSEEN_TRAINER if dataset in self.request.unseen else self.method.trainer
+        if dataset in self.request.unseen or (self.method.union and not self.manifest.data.get(MARGINAL_MULTITASK)):
+            return UNSEEN_TRAINER  # (a multitask run begun before the marginal loss keeps its plain merge)
+        return self.method.trainer
 
     def _plans_name(self, from_m0: bool = False) -> str:
         return reference_plans_name(self.base_plans, self.manifest.data["settings"]) if from_m0 \
@@ -161,7 +163,8 @@ def run_sequence(request: RunRequest, log=print) -> str:
         manifest.data["foundation"] = {"path": portable(request.foundation), "sha256": foundation.sha256}
         manifest.data.setdefault("command", request.command)  # the first command: resumes repeat its settings
         if not manifest.data["steps"]:
-            manifest.data.setdefault(SHARED_M0_TASKS, True)  # a new run; one begun before the sharing lacks the mark
+            for mark in (SHARED_M0_TASKS, MARGINAL_MULTITASK):  # a new run; one begun before lacks the mark
+                manifest.data.setdefault(mark, True)
             manifest.save()
         runner = Runner(request, foundation, manifest, log=log)
         try:

@@ -37,6 +37,22 @@ def union_labels(datasets: list[str]) -> tuple[dict, dict]:
     return labels, mapping
 
 
+def union_case(dataset: str, case: str) -> str:
+    """A task's case in the union: its dataset's ``DatasetXXX`` prefix tells which task annotated it."""
+    return f"{dataset[:10]}_{case}"
+
+
+def unannotated_labels(union_json: dict) -> dict[str, list[int]]:
+    """``DatasetXXX`` prefix of a union case -> the union label values its task did not annotate."""
+    section = union_json.get(UNION_KEY)
+    if not section:
+        raise MedSeqFTError(f"{union_json.get('name', 'This dataset')} is not a multitask union dataset (its "
+                            f"dataset.json has no '{UNION_KEY}' section): the multitask trainer trains the union "
+                            "that `medseqft run --method multitask` builds.")
+    every = {int(v) for v in union_json["labels"].values() if isinstance(v, int) and v > 0}
+    return {d[:10]: sorted(every - {int(u) for u in section["label_maps"][d].values()}) for d in section["tasks"]}
+
+
 def label_map_for(union_json: dict, dataset: str) -> dict[int, int]:
     """Union prediction value -> the task's own label value (others become background)."""
     return {u: int(t) for t, u in union_json[UNION_KEY]["label_maps"][dataset].items()}
@@ -74,7 +90,7 @@ def build_union_dataset(datasets: list[str], run_name: str, fold, base_plans: st
         for t, u in mapping[d].items():
             lut[t] = u
         for case in train + val:
-            new = f"{d[:10]}_{case}"
+            new = union_case(d, case)
             for c in range(len(dj["channel_names"])):
                 src = os.path.join(raw_root(), d, "imagesTr", f"{case}_{c:04d}{ending}")
                 dst = os.path.join(folder, "imagesTr", f"{new}_{c:04d}{ending}")
