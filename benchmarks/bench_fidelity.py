@@ -29,6 +29,7 @@ The LAST line printed is a JSON object:
                                  chain's history under MedSeqFT (its F_t - seqFFT) and stage B (its M_t - F_t)
   scale, budget                  what was run
   chosen_on_fold, reported_fold  the fold whose results chose the defaults (``--chosen-on-fold``) and this run's fold
+  runs                           the runs the tables are computed from
 
 Full protocol at the CPU scale: ``python benchmarks/bench_fidelity.py --workdir W`` (4 tasks + 2 unseen,
 3 seeds, every method); ``--jobs 2`` runs two at a time with one torch thread each (wall minutes per method are
@@ -39,6 +40,8 @@ Smoke run: ``--scale tiny --seeds 0 --tasks 2 --unseen 1``.
 meant to be committed): DIR keeps the foundation (restored into a new workdir instead of pre-training again, so
 every seed's methods start from the same M0 wherever they ran) and each finished run's scores (results.json,
 manifest.json, overlays); a run found there is not trained again, and the tables are computed from DIR.
+``--report-only`` prints the tables of what DIR holds so far (each method with its finished seeds; differences
+paired over the seeds both methods have), without data, foundation or training.
 """
 
 from __future__ import annotations
@@ -209,6 +212,8 @@ def main() -> None:
                    help="runs at once, each with cores/jobs torch threads (2 on 2 cores: 1.35x the iterations)")
     p.add_argument("--archive", type=Path, default=None,
                    help="folder (to commit) that keeps the foundation and every finished run's scores")
+    p.add_argument("--report-only", action="store_true",
+                   help="only the tables of the --archive's finished runs (each method with the seeds it has)")
     args = p.parse_args()
 
     from nnunetv2_medseqft.scales import get_scale
@@ -223,16 +228,25 @@ def main() -> None:
     from nnunetv2_medseqft.sequence.layout import run_folder
 
     started = time.time()
+    names = [run_name(m, s, args.fold) for s in args.seeds for m in args.methods]
     if args.archive:
         args.archive = args.archive.resolve()
-        restore_foundation(args.archive, workdir)
-    f = build_foundation(workdir, scale, args.device, pretrain_trainer=args.pretrain_trainer)
-    if args.archive:
-        args.foundation_sha256 = archive_foundation(args.archive, workdir, f)
-    names = [run_name(m, s, args.fold) for s in args.seeds for m in args.methods]
-    todo = [(m, s) for s in args.seeds for m in args.methods if not _archived(args.archive, run_name(m, s, args.fold))]
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # in order: a seed's methods finish before the next seed
-        list(pool.map(lambda ms: run_method(args, f, *ms), todo))
+    if args.report_only:  # the tables of what is archived (a protocol under way): no data, no foundation, no training
+        if not args.archive:
+            raise SystemExit("--report-only reads the runs of an --archive: name it.")
+        names = [n for n in names if _archived(args.archive, n)]
+        if not names:
+            raise SystemExit(f"No run of these methods, seeds and fold is archived in {args.archive}.")
+    else:
+        if args.archive:
+            restore_foundation(args.archive, workdir)
+        f = build_foundation(workdir, scale, args.device, pretrain_trainer=args.pretrain_trainer)
+        if args.archive:
+            args.foundation_sha256 = archive_foundation(args.archive, workdir, f)
+        todo = [(m, s) for s in args.seeds for m in args.methods
+                if not _archived(args.archive, run_name(m, s, args.fold))]
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # in order: a seed's methods finish before the next seed
+            list(pool.map(lambda ms: run_method(args, f, *ms), todo))
     folders = [str(args.archive / "runs" / n) if _archived(args.archive, n) else run_folder(n) for n in names]
     labels = [_label(n) for n in names]  # scratch & co. run as method parallel
     rows = compare_rows([{**load_results(d), "method": label} for d, label in zip(folders, labels)])
@@ -266,7 +280,7 @@ def main() -> None:
     print(json.dumps({**means, "parallel_mean_dice": parallel, "per_seed": per_seed, "methods": methods,
                       "compute": compute, "per_task_dice": per_task,
                       "decomposition": {k: {"mean": _mean(v), "per_seed": v} for k, v in parts.items()}, "scale": scale.name, "budget": budget,
-                      "chosen_on_fold": args.chosen_on_fold, "reported_fold": args.fold}))
+                      "chosen_on_fold": args.chosen_on_fold, "reported_fold": args.fold, "runs": names}))
 
 
 def _task_means(folder: str, model: str) -> dict:
