@@ -5,7 +5,9 @@ data, the pool planned and a foundation pre-trained at --scale (nnunetv2_medseqf
 ``medseqft run`` for each method and seed over --tasks sequential tasks and the unseen tasks (not for the
 independent task models of ``parallel``), plus ``scratch`` (parallel FFT from a random initialisation of the same
 network: what pre-training buys) and ``parallel-matched`` (parallel FFT for the epochs of MedSeqFT's stages A + B:
-whether MedSeqFT's gain is more than its extra iterations).
+whether MedSeqFT's gain is more than its extra iterations). ``multitask`` (the upper reference: one model trained on
+every task's data at once, which a sequential user never has) gets the epochs of all the task models it replaces and
+no unseen tasks.
 Prints the per-method table (mean ± sd over seeds), the compute of each method and the paired
 differences per seed.
 
@@ -64,8 +66,8 @@ from bench_mds import POOL_ID, add_scale_args, build_foundation, random_init_fou
 from nnunetv2_medseqft.method.settings import RFTSettings  # noqa: E402
 
 ALL_METHODS = ("medseqft", "seqfft", "parallel", "random-buffer", "scratch", "parallel-matched", "lora", "multitask")
-# independent task models: the last one is no "final body" of a sequence
-NO_UNSEEN = ("parallel", "scratch", "parallel-matched")
+# independent task models (the last one is no "final body" of a sequence) and the multitask reference (no sequence)
+NO_UNSEEN = ("parallel", "scratch", "parallel-matched", "multitask")
 DIFFERENCES = {"medseqft_minus_parallel_dice": ("medseqft", "parallel", "mean_dice"),
                "medseqft_minus_seqfft_dice": ("medseqft", "seqfft", "mean_dice"),
                "mds_minus_random_dice": ("medseqft", "random-buffer", "mean_dice"),
@@ -137,9 +139,9 @@ def archive_run(archive: Path, name: str, digest: str) -> None:
     tmp.rename(dst)
 
 
-def run_method(args, f: Path, method: str, seed: int) -> str:
+def method_command(args, f: Path, method: str, seed: int) -> list[str]:
+    """The ``medseqft run`` command of one method and seed (the benchmark's own methods mapped onto run's)."""
     from nnunetv2_medseqft.scales import get_scale
-    from nnunetv2_medseqft.threads import threads_env
 
     name = run_name(method, seed, args.fold)
     tasks = [str(POOL_ID + 1 + i) for i in range(args.tasks)]
@@ -151,12 +153,21 @@ def run_method(args, f: Path, method: str, seed: int) -> str:
         f, method = random_init_foundation(f, seed), "parallel"
     if method == "parallel-matched":  # parallel FFT for as many epochs as MedSeqFT's stages A + B (budget=fft_full)
         method, epochs = "parallel", epochs + RFTSettings().stage_b_extra_epochs(epochs)
+    if method == "multitask":  # one model for every task's cases: the budget of all the task models it replaces
+        epochs *= len(tasks)
     cmd = [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", str(f), "--datasets", *tasks,
            "--method", method, "--name", name, "--seed", str(seed), "--fold", args.fold, "--device", args.device,
            "--epochs", str(epochs), "--iterations", str(args.iterations), "--val-iterations",
            str(args.val_iterations), "--mds", f"repeats={args.mds_repeats}", *get_scale(args.scale).recipe_args()]
     if unseen:
         cmd += ["--unseen", *unseen]
+    return cmd
+
+
+def run_method(args, f: Path, method: str, seed: int) -> str:
+    from nnunetv2_medseqft.threads import threads_env
+
+    name, cmd = run_name(method, seed, args.fold), method_command(args, f, method, seed)
     started = time.time()
     if args.jobs == 1:
         print(f"== {name}", flush=True)
@@ -260,6 +271,10 @@ def main() -> None:
               "unseen": args.unseen, "seeds": args.seeds, "epochs": args.epochs, "iterations": args.iterations,
               "mds_repeats": args.mds_repeats, "device": args.device, "jobs": args.jobs, "machine": _machine(),
               "hours": round((time.time() - started) / 3600, 2)}
+    if args.report_only:  # this command trained nothing: state the archived runs' own wall time instead
+        runs_per_method = {m: len(rn) for m, rn in _by_method(names).items()}
+        budget.update(jobs=None, hours=None, run_hours=round(
+            sum(c["wall_minutes"] * runs_per_method[m] for m, c in compute.items()) / 60, 1))
     print()
     print(markdown_table(rows))
     print()

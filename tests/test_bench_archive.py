@@ -82,3 +82,22 @@ def test_decomposition_splits_medseqft_minus_parallel_into_chain_history_and_sta
     assert compute["task_iterations"] == 30 and compute["task_minutes"] == 1.6  # (90 + 6) s per task
     del runs[("seqfft", "0")]  # a seed without every method is left out, not half-counted
     assert bf.decomposition(runs)["stage_b_medseqft_mt_minus_ft"] == {}
+
+
+def test_each_benchmark_method_maps_onto_its_medseqft_run_budget(tmp_path):
+    from argparse import Namespace
+
+    args = Namespace(fold="1", tasks=4, unseen=2, epochs=24, iterations=50, val_iterations=10, mds_repeats=64,
+                     device="cpu", scale="cpu")
+    def flag(cmd, name, n=1):
+        i = cmd.index(name)
+        return cmd[i + 1:i + 1 + n] if n > 1 else cmd[i + 1]
+
+    medseqft = bf.method_command(args, tmp_path / "m0.pth", "medseqft", 0)
+    assert flag(medseqft, "--epochs") == "24" and flag(medseqft, "--unseen", 2) == ["505", "506"]
+    matched = bf.method_command(args, tmp_path / "m0.pth", "parallel-matched", 0)
+    assert flag(matched, "--method") == "parallel" and flag(matched, "--epochs") == "31"  # stages A + B of MedSeqFT
+    assert "--unseen" not in matched
+    multitask = bf.method_command(args, tmp_path / "m0.pth", "multitask", 0)
+    assert flag(multitask, "--epochs") == "96" and "--unseen" not in multitask  # the four task models' budget
+    assert flag(multitask, "--datasets", 4) == ["501", "502", "503", "504"]
