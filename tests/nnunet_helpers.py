@@ -71,6 +71,25 @@ def run_cmd(foundation, name, method, *extra):
             "--name", name, *TINY, *extra]
 
 
+def runner_code(cmd: list[str], run_dir: Path, body: str) -> str:
+    """Python for a fresh process: the Runner that ``medseqft run`` command ``cmd`` builds over the manifest in
+    ``run_dir`` (opened as the run opens it), then ``body``, which sees ``manifest`` and ``new_runner()``."""
+    return f"""
+from nnunetv2_medseqft.cli.main import build_parser
+from nnunetv2_medseqft.sequence.manifest import Manifest
+from nnunetv2_medseqft.sequence.request import request_from_args, validate
+from nnunetv2_medseqft.sequence.runner import Runner
+argv = {cmd[1:]!r}
+args = build_parser().parse_args(argv)
+args.argv = argv[1:]
+request = request_from_args(args)
+foundation = validate(request)
+manifest = Manifest.open({str(run_dir)!r}, request.name, request.settings(foundation.sha256), "")
+def new_runner():
+    return Runner(request, foundation, manifest, log=lambda *a: None)
+""" + body
+
+
 def folder_hashes(folder: Path) -> dict:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from nnunet_helpers import manifest, run, run_cmd, run_python
+from nnunet_helpers import manifest, run, run_cmd, run_python, runner_code
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -78,21 +78,12 @@ def test_multitask_run_trains_the_union_with_the_marginal_loss(nnunet, tiny_foun
     for task, scores in results["scores"].items():
         assert 0 <= scores["M"]["mean"]["dice"] <= 100, task
     # a multitask run begun before the marginal loss (no mark in its manifest) resumes with its plain-merge trainer
-    code = f"""
-from nnunetv2_medseqft.cli.main import build_parser
-from nnunetv2_medseqft.sequence.manifest import MARGINAL_MULTITASK, Manifest
-from nnunetv2_medseqft.sequence.request import request_from_args, validate
-from nnunetv2_medseqft.sequence.runner import Runner
-argv = {run_cmd(tiny_foundation, "t-multitask", "multitask")[1:]!r}
-args = build_parser().parse_args(argv)
-args.argv = argv[1:]
-request = request_from_args(args)
-foundation = validate(request)
-manifest = Manifest.open({str(nnunet.results / "medseqft_runs" / "t-multitask")!r}, request.name,
-                         request.settings(foundation.sha256), "")
+    code = runner_code(run_cmd(tiny_foundation, "t-multitask", "multitask"),
+                       nnunet.results / "medseqft_runs" / "t-multitask", """
+from nnunetv2_medseqft.sequence.manifest import MARGINAL_MULTITASK
 union = manifest.step("union")["outputs"]["dataset"]
-print(Runner(request, foundation, manifest, log=lambda *a: None)._trainer(union))
+print(new_runner()._trainer(union))
 del manifest.data[MARGINAL_MULTITASK]
-print(Runner(request, foundation, manifest, log=lambda *a: None)._trainer(union))
-"""
+print(new_runner()._trainer(union))
+""")
     assert run_python(code, nnunet).stdout.split()[-2:] == ["MedSeqFTMultitaskTrainer", "MedSeqFTFFTTrainer"]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from nnunet_helpers import BIN, PACKABLE, folder_hashes, manifest, run, run_cmd, run_python
+from nnunet_helpers import BIN, PACKABLE, folder_hashes, manifest, run, run_cmd, run_python, runner_code
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 
@@ -212,42 +212,24 @@ def test_seqfft_run_with_unseen_task_then_report_and_compare(nnunet, tiny_founda
 
     # a run of another method, with readings (--rft) of its own, shares this M0 reference: it is full fine-tuning of
     # M0, whichever run trained it (checked in a fresh process, as a run checks its model folders before it trains)
-    code = f"""
-from nnunetv2_medseqft.cli.main import build_parser
-from nnunetv2_medseqft.sequence.manifest import Manifest
-from nnunetv2_medseqft.sequence.request import request_from_args, validate
-from nnunetv2_medseqft.sequence.runner import Runner
-argv = {run_cmd(tiny_foundation, "t-share", "medseqft", "--unseen", "505", "--rft", "buffer=random")[1:]!r}
-args = build_parser().parse_args(argv)
-args.argv = argv[1:]
-request = request_from_args(args)
-foundation = validate(request)
-manifest = Manifest.open({str(nnunet.root / "t-share")!r}, request.name, request.settings(foundation.sha256), "")
-runner = Runner(request, foundation, manifest, log=lambda *a: None)
+    code = runner_code(run_cmd(tiny_foundation, "t-share", "medseqft", "--unseen", "505", "--rft", "buffer=random"),
+                       nnunet.root / "t-share", """
+runner = new_runner()
 runner._check_model_folders()
 print(runner._plans_name(from_m0=True))
-"""
+""")
     proc = run_python(code, nnunet)
     assert proc.stdout.split()[-1] in {Path(m).name.split("__")[1] for m in models}, proc.stdout
     # parallel FFT (every task from M0) would take seqFFT's first task as its own and train only the second;
     # a run begun before the sharing (no mark in its manifest) keeps its tasks in its own folders
-    code = f"""
-from nnunetv2_medseqft.cli.main import build_parser
-from nnunetv2_medseqft.sequence.manifest import SHARED_M0_TASKS, Manifest
-from nnunetv2_medseqft.sequence.request import request_from_args, validate
-from nnunetv2_medseqft.sequence.runner import Runner
-argv = {run_cmd(tiny_foundation, "t-parallel", "parallel")[1:]!r}
-args = build_parser().parse_args(argv)
-args.argv = argv[1:]
-request = request_from_args(args)
-foundation = validate(request)
-manifest = Manifest.open({str(nnunet.root / "t-parallel")!r}, request.name, request.settings(foundation.sha256), "")
+    code = runner_code(run_cmd(tiny_foundation, "t-parallel", "parallel"), nnunet.root / "t-parallel", """
+from nnunetv2_medseqft.sequence.manifest import SHARED_M0_TASKS
 manifest.data[SHARED_M0_TASKS] = True
-runner = Runner(request, foundation, manifest, log=lambda *a: None)
+runner = new_runner()
 print(runner._task_model("Dataset501_MSFTLiver"), runner._task_model("Dataset502_MSFTSpleen"))
 del manifest.data[SHARED_M0_TASKS]
-print(Runner(request, foundation, manifest, log=lambda *a: None)._task_model("Dataset501_MSFTLiver"))
-"""
+print(new_runner()._task_model("Dataset501_MSFTLiver"))
+""")
     shared_first, shared_second, own_first = run_python(code, nnunet).stdout.split()[-3:]
     assert Path(shared_first) == first and Path(shared_second).parent.parent.name.split("__")[1] == reference_plans
     assert Path(own_first).parent.parent.name == "MedSeqFTFFTTrainer__MedSeqFTPlans_t-parallel__3d_fullres"
