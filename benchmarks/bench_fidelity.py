@@ -376,13 +376,14 @@ def _compute(folders: list[str], epochs: int, iterations: int) -> dict:
     per = []
     for folder in folders:
         steps = json.loads((Path(folder) / "manifest.json").read_text())["steps"]
-        curves = json.loads((Path(folder) / "results.json").read_text()).get("curves", {})
+        results = json.loads((Path(folder) / "results.json").read_text())
+        curves = results.get("curves", {})
         train = [s for k, s in steps.items()
                  if k.startswith("train/") or (k.startswith("unseen/") and not k.endswith("/evaluate"))]
         task = [s for k, s in steps.items() if k.startswith(("train/", "select/"))]
         n_unseen = sum(k.startswith("unseen/") and not k.endswith("/evaluate") for k in steps)
         task_epochs = sum(len(c.get("train_losses", [])) for c in curves.values())
-        n_tasks = max(1, len(curves))
+        n_tasks = max(1, len(results.get("scores", curves)))  # multitask: one training for all the tasks it scores
         per.append(((task_epochs + n_unseen * epochs) * iterations, sum(s.get("seconds") or 0 for s in train) / 60,
                     sum(s.get("seconds") or 0 for s in steps.values()) / 60, task_epochs * iterations / n_tasks,
                     sum(s.get("seconds") or 0 for s in task) / 60 / n_tasks))

@@ -101,3 +101,14 @@ def test_each_benchmark_method_maps_onto_its_medseqft_run_budget(tmp_path):
     multitask = bf.method_command(args, tmp_path / "m0.pth", "multitask", 0)
     assert flag(multitask, "--epochs") == "96" and "--unseen" not in multitask  # the four task models' budget
     assert flag(multitask, "--datasets", 4) == ["501", "502", "503", "504"]
+
+
+def test_multitask_compute_per_task_is_its_one_training_shared_by_the_tasks_it_scores(tmp_path):
+    folder = tmp_path / "multitask"
+    folder.mkdir()
+    scores = {t: {"M": {"mean": {"dice": 80.0}}} for t in ("A", "B", "C", "D")}
+    (folder / "results.json").write_text(json.dumps({"scores": scores, "curves": {"Union": {"train_losses": [0.0] * 8}}}))
+    (folder / "manifest.json").write_text(json.dumps({"steps": {"union": {"seconds": 5.0},
+                                                                "train/union": {"seconds": 240.0}}}))
+    compute = bf._compute([str(folder)], epochs=2, iterations=10)
+    assert compute["iterations"] == 80 and compute["task_iterations"] == 20 and compute["task_minutes"] == 1.0
