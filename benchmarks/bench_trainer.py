@@ -8,6 +8,8 @@ The LAST line printed is a JSON object with these keys:
   rft_step_ratio      median stage-B step / median stock step
   rft_step_ratio_by_arm  the same for each --arms reading of stage B (e.g. k_layers=encoder), side by side, and
                       for g-buffer-rows: the generalization teacher on the buffer rows alone (GPU's way) on CPU
+  rft_step_mean_ratio_by_arm  mean stage-B step / mean stock step, for the plans' reading and each arm (the cost
+                      per step of a reading whose steps alternate, e.g. retention_every=2)
   fft_step_ratio      median stage-A step / median stock step
   rft_peak_rss_ratio  peak RSS of a process running stage-B steps / one running stock steps (separate children)
   merge_max_abs_diff  max |logits| difference: student computed with peft's LoRA branch vs the merged plain network
@@ -190,6 +192,9 @@ def main(argv=None) -> int:
     result = {
         "rft_step_ratio": med["rft"] / med["stock"],
         "rft_step_ratio_by_arm": {n: med[f"rft:{n}"] / med["stock"] for n in [*arms, "g-buffer-rows"]},
+        # means too: with retention_every > 1 the steps alternate between costs, and a median picks one of them
+        "rft_step_mean_ratio_by_arm": {n: statistics.mean(times[k]) / statistics.mean(times["stock"])
+                                       for n, k in [("plans", "rft"), *((a, f"rft:{a}") for a in arms)]},
         "fft_step_ratio": med["fft"] / med["stock"],
         "rft_peak_rss_ratio": rss["rft"] / rss["stock"],
         "merge_max_abs_diff": merge_diff(trainers["rft"], batches[0]),
