@@ -15,7 +15,7 @@ import torch
 from nnunetv2_medseqft.trainers.medseqft import MedSeqFTFFTTrainer
 
 from nnunetv2_medseqft.errors import MedSeqFTError
-from nnunetv2_medseqft.sequence.union_dataset import unannotated_labels
+from nnunetv2_medseqft.sequence.union_dataset import task_key, unannotated_labels
 
 _ABSENT = -1e4  # a merged label's logit: no probability left (finite, also in float16)
 
@@ -40,11 +40,12 @@ class MarginalLoss(torch.nn.Module):
     def masks(self, num_classes: int) -> torch.Tensor:
         rows = []
         for case in self.cases:
-            if str(case)[:10] not in self.unannotated:
+            task = task_key(str(case))
+            if task not in self.unannotated:
                 raise MedSeqFTError(f"Case {case!r} belongs to no task of this union dataset "
                                     f"({', '.join(self.unannotated)}): rebuild it with `medseqft run --method multitask`.")
             row = torch.zeros(num_classes, dtype=torch.bool)
-            row[self.unannotated[str(case)[:10]]] = True
+            row[self.unannotated[task]] = True
             rows.append(row)
         return torch.stack(rows)
 

@@ -37,20 +37,25 @@ def union_labels(datasets: list[str]) -> tuple[dict, dict]:
     return labels, mapping
 
 
+def task_key(name: str) -> str:
+    """``DatasetXXX`` of a task's dataset name or of a union case's name: which task annotated the case."""
+    return name[:10]
+
+
 def union_case(dataset: str, case: str) -> str:
-    """A task's case in the union: its dataset's ``DatasetXXX`` prefix tells which task annotated it."""
-    return f"{dataset[:10]}_{case}"
+    """A task's case in the union, named so that ``task_key`` tells its task."""
+    return f"{task_key(dataset)}_{case}"
 
 
 def unannotated_labels(union_json: dict) -> dict[str, list[int]]:
-    """``DatasetXXX`` prefix of a union case -> the union label values its task did not annotate."""
+    """``task_key`` of a union case -> the union label values its task did not annotate."""
     section = union_json.get(UNION_KEY)
     if not section:
         raise MedSeqFTError(f"{union_json.get('name', 'This dataset')} is not a multitask union dataset (its "
                             f"dataset.json has no '{UNION_KEY}' section): the multitask trainer trains the union "
                             "that `medseqft run --method multitask` builds.")
     every = {int(v) for v in union_json["labels"].values() if isinstance(v, int) and v > 0}
-    return {d[:10]: sorted(every - {int(u) for u in section["label_maps"][d].values()}) for d in section["tasks"]}
+    return {task_key(d): sorted(every - {int(u) for u in section["label_maps"][d].values()}) for d in section["tasks"]}
 
 
 def label_map_for(union_json: dict, dataset: str) -> dict[int, int]:
