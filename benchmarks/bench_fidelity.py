@@ -384,12 +384,15 @@ def _compute(folders: list[str], epochs: int, iterations: int) -> dict:
         n_unseen = sum(k.startswith("unseen/") and not k.endswith("/evaluate") for k in steps)
         task_epochs = sum(len(c.get("train_losses", [])) for c in curves.values())
         n_tasks = max(1, len(results.get("scores", curves)))  # multitask: one training for all the tasks it scores
-        per.append(((task_epochs + n_unseen * epochs) * iterations, sum(s.get("seconds") or 0 for s in train) / 60,
-                    sum(s.get("seconds") or 0 for s in steps.values()) / 60, task_epochs * iterations / n_tasks,
-                    sum(s.get("seconds") or 0 for s in task) / 60 / n_tasks))
+        per.append(((task_epochs + n_unseen * epochs) * iterations, _minutes(train), _minutes(steps.values()),
+                    task_epochs * iterations / n_tasks, _minutes(task) / n_tasks))
     mean = [round(sum(v) / len(v), 1) for v in zip(*per)]
     return {"iterations": int(mean[0]), "train_minutes": mean[1], "wall_minutes": mean[2],
             "task_iterations": int(mean[3]), "task_minutes": mean[4]}
+
+
+def _minutes(steps) -> float:
+    return sum(s.get("seconds") or 0 for s in steps) / 60
 
 
 if __name__ == "__main__":
