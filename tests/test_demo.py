@@ -4,7 +4,7 @@
 import os
 import sys
 
-from nnunetv2_medseqft.reports.demo import CPU_LANES, METHODS, run_lanes
+from nnunetv2_medseqft.reports.demo import CPU_PHASES, METHODS, run_lanes
 from nnunetv2_medseqft.threads import THREADS_ENV
 
 
@@ -23,11 +23,11 @@ def test_lanes_run_at_once_label_their_output_and_stop_at_their_first_failure(ca
     assert not any(line.startswith("[c]") for line in out)  # the lane stopped at b
 
 
-def test_one_lane_keeps_nnunets_threads_and_the_cpu_lanes_hold_every_method_once(capsys):
+def test_one_lane_keeps_nnunets_threads_and_the_cpu_phases_hold_every_method_once(capsys):
     env = {k: v for k, v in os.environ.items() if k != THREADS_ENV}
     assert run_lanes([[("x", _python("import os; print(os.environ.get('" + THREADS_ENV + "'))"))]], env) == []
     assert capsys.readouterr().out.strip() == "[x] None"
-    assert sorted(m for lane in CPU_LANES for m in lane) == sorted(METHODS)
-    # parallel FFT reuses seqFFT's first task only if it runs after it
-    lane = next(lane for lane in CPU_LANES if "parallel" in lane)
-    assert "seqfft" in lane and lane.index("seqfft") < lane.index("parallel")
+    assert sorted(m for lanes in CPU_PHASES for lane in lanes for m in lane) == sorted(METHODS)
+    # every method's first training is the shared full fine-tuning of M0: one run trains it, alone, before the
+    # others start (two lanes waiting on one training would leave a core idle)
+    assert CPU_PHASES[0] == (("parallel",),) and all(len(lanes) <= 2 for lanes in CPU_PHASES)

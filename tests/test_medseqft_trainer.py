@@ -200,3 +200,34 @@ def test_stage_b_only_trainer_with_given_ft(trained, planned_task, tiny_foundati
     assert final["medseqft"]["stage"] == "merged" and not (out / "checkpoint_fft.pth").exists()
     assert final["medseqft"]["fft_model"]["sha256"] == sha256_file(str(trained / "checkpoint_fft.pth"))
     assert len(final["logging"]["medseqft_k"]) == 4 and all(v > 0 for v in final["logging"]["medseqft_k"])
+
+
+def test_a_given_stage_a_is_taken_not_trained(trained, planned_task, tiny_foundation):
+    """MedSeqFTTrainer with the plans' medseqft.fft_model (what medseqft run gives the first task: the shared full
+    fine-tuning of M0) trains stage B only: F_t is the given model, its log is stage A's; another budget is refused."""
+    import json
+
+    plans = json.loads((planned_task.preprocessed / "MedSeqFTPlans.json").read_text())
+    given = trained / "checkpoint_final.pth"  # trained 6 epochs: not a 4-epoch stage A
+    plans["plans_name"], plans["medseqft"]["fft_model"] = "MedSeqFTPlansGivenA", str(given)
+    (planned_task.preprocessed / "MedSeqFTPlansGivenA.json").write_text(json.dumps(plans))
+    cmd = ["nnUNetv2_train", str(FIRST_TASK_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", "MedSeqFTPlansGivenA",
+           "-device", "cpu", "-pretrained_weights", str(tiny_foundation)]
+    out = planned_task.folders.results / planned_task.dataset_name / f"{TRAINER}__MedSeqFTPlansGivenA__3d_fullres" / \
+        "fold_0"
+    proc = run(cmd, planned_task.folders, check=False)
+    assert proc.returncode != 0 and "was trained for 6 epochs" in proc.stderr and "stage A has 4" in proc.stderr
+    assert not out.exists() or not any(out.glob("*.pth"))
+
+    given = trained / "checkpoint_fft.pth"  # stage A of the same trainer and budget
+    plans["medseqft"]["fft_model"] = str(given)
+    (planned_task.preprocessed / "MedSeqFTPlansGivenA.json").write_text(json.dumps(plans))
+    run(cmd, planned_task.folders)
+    final, fft, source = _load(out / "checkpoint_final.pth"), _load(out / "checkpoint_fft.pth"), _load(given)
+    assert all(torch.equal(fft["network_weights"][k], v) for k, v in source["network_weights"].items())
+    assert final["medseqft"]["fft_model"]["sha256"] == sha256_file(str(given))
+    log = final["logging"]
+    assert len(log["train_losses"]) == 6 and log["train_losses"][:4] == source["logging"]["train_losses"]
+    assert len(log["medseqft_k"]) == 2 and final["medseqft"]["stage"] == "merged"
+    text = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+    assert "Stage A given" in text and "Epoch 0 " not in text and "Epoch 4 (MedSeqFT stage B)" in text

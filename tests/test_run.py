@@ -11,7 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
-from nnunet_helpers import BIN, PACKABLE, folder_hashes, manifest, run, run_cmd, run_python, runner_code
+from nnunet_helpers import (
+    BIN,
+    PACKABLE,
+    folder_hashes,
+    manifest,
+    resolved_paths,
+    run,
+    run_cmd,
+    run_python,
+    runner_code,
+)
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 
@@ -158,6 +168,29 @@ def test_medseqft_run_results_are_in_range(nnunet, medseqft_run):
     assert len(curves["train_losses"]) == 6 and curves["stage_b_start"] == 4
 
 
+def test_medseqft_first_task_takes_stage_a_from_the_m0_reference(nnunet, medseqft_run):
+    """MedSeqFT's first stage A is full fine-tuning of M0 with the run's budget and seed: the shared M0 reference
+    (the first task of seqFFT and parallel FFT) is trained once and given to the trainer, which trains stage B."""
+    import torch
+
+    from nnunetv2_medseqft.checkpoints import sha256_file
+
+    name, model_folder = medseqft_run[:2]
+    final = torch.load(model_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    reference = Path(resolved_paths(final["init_args"]["plans"]["medseqft"], nnunet)["fft_model"])
+    assert reference.parent.parent.name.startswith("MedSeqFTFFTTrainer__MedSeqFTPlans-")
+    assert ".fromM0-" in reference.parent.parent.name and reference.name == "checkpoint_final.pth"
+    assert final["medseqft"]["fft_model"]["sha256"] == sha256_file(str(reference))
+    fft = torch.load(model_folder / "checkpoint_fft.pth", map_location="cpu", weights_only=False)
+    given = torch.load(reference, map_location="cpu", weights_only=False)
+    assert all(torch.equal(fft["network_weights"][k], v) for k, v in given["network_weights"].items())
+    assert final["logging"]["train_losses"][:4] == given["logging"]["train_losses"]  # stage A's log is the reference's
+    # the second task starts from M_1, not from M0: its stage A is trained in its own folder
+    second = Path(manifest(nnunet, name)["steps"]["train/Dataset502_MSFTSpleen"]["outputs"]["model"]["path"])
+    plans = torch.load(second, map_location="cpu", weights_only=False)["init_args"]["plans"]
+    assert "fft_model" not in plans["medseqft"]
+
+
 def test_changed_settings_are_refused_for_an_existing_run(nnunet, tiny_foundation, medseqft_run):
     name = medseqft_run[0]
     before = (nnunet.results / "medseqft_runs" / name / "manifest.json").read_bytes()
@@ -248,8 +281,9 @@ def test_models_of_a_deleted_run_are_not_taken_for_another_settings_run(nnunet, 
     shutil.move(str(nnunet.results / "medseqft_runs" / name), moved)
     try:
         proc = run(run_cmd(tiny_foundation, name, "medseqft", *PACKABLE, "--seed", "5"), nnunet, check=False)
-        # the MDS seed follows the run's seed, so both settings differ
-        assert proc.returncode == 2 and "trained with other settings (mds, seed differ)" in proc.stderr, proc.stderr
+        # the MDS seed follows the run's seed, and the first stage A is the M0 reference of that seed
+        assert proc.returncode == 2 and "trained with other settings (fft_model, mds, seed differ)" in proc.stderr, \
+            proc.stderr
         assert "cannot get past this" in proc.stdout  # not a bare "Resume with": the same command fails again
         assert Path(model).read_bytes() == before
     finally:

@@ -155,7 +155,10 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
         if not self.was_initialized:
             self.initialize()
         if self.current_epoch == 0:  # a fresh start (not --c): check and keep M_(t-1) before anything slow
+            given_fft = self._given_stage_a()
             self._record_previous_model()
+            if given_fft is not None:
+                self._take_stage_a(given_fft)
         self._select_buffer()  # before the loaders exist: stage-B loaders over-sample the buffer
         super().on_train_start()
         for key in LOSS_KEYS:
@@ -233,6 +236,31 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
                                "fingerprint": state_fingerprint(state)},
                               os.path.join(self.output_folder, PREVIOUS_MODEL_FILE))
         self._barrier()
+
+    def _given_stage_a(self) -> dict | None:
+        """Plans' ``medseqft.fft_model`` given to a trainer with a stage A: F_t was trained elsewhere with this
+        stage A's recipe (``medseqft run``: the shared full fine-tuning of M0 on the first task), so stage A is
+        taken from it (``_take_stage_a``). Returns its checkpoint, or None when stage A is trained here."""
+        path = resolved(self.plans_manager.plans.get("medseqft", {}).get("fft_model"))
+        if not path or "fft" not in self.stages or "rft" not in self.stages:
+            return None
+        self.fft_provenance = check_previous_model(path, self.plans_manager.plans, self.configuration_name,
+                                                   self.__class__.__name__, what="medseqft.fft_model")
+        ckpt = load_checkpoint_file(path, what="F_t checkpoint")
+        trained = len(ckpt["logging"]["train_losses"])
+        if trained != self.stage_a_epochs:
+            raise MedSeqFTError(f"{self.__class__.__name__}: medseqft.fft_model {path} was trained for {trained} "
+                                f"epochs and this trainer's stage A has {self.stage_a_epochs}: it is not this stage "
+                                f"A. Remove fft_model from the plans to train stage A here. Nothing was trained.")
+        return {**ckpt, "path": path}
+
+    def _take_stage_a(self, ckpt: dict):
+        """F_t's weights and training log as if stage A had run here: the first epoch trained is stage B's."""
+        unwrap(self.network).load_state_dict(ckpt["network_weights"])
+        self.logger.load_checkpoint(ckpt["logging"])
+        self.current_epoch = self.stage_a_epochs
+        self.print_to_log_file(f"Stage A given (plans' medseqft.fft_model, {self.current_epoch} epochs): "
+                               f"{ckpt['path']}")
 
     def _select_buffer(self):
         if "rft" not in self.stages:
@@ -396,7 +424,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
             self.initialize()
         self.current_epoch = ckpt["current_epoch"]
         self.previous, self.buffer_record = section.get("previous_model"), section.get("buffer")
-        self.student_start = section.get("student_start")
+        self.student_start, self.fft_provenance = section.get("student_start"), section.get("fft_model")
         self._enter_stage_b(student_state=section["student_state"], restart_loaders=False)
         self.my_init_kwargs = ckpt["init_args"]
         self.logger.load_checkpoint(ckpt["logging"])

@@ -7,9 +7,10 @@ ground truth and prediction per task). Unseen-task transfer is left to ``benchma
 it doubles the training count. Everything goes under ``--out`` (nnU-Net folders included); nnU-Net's
 variables are set for the child processes only. Re-running with the same ``--out`` resumes.
 
-On a CPU the methods run in two lanes at once, one torch thread each (two single-threaded trainings do 1.35x
-the iterations of one two-threaded training): MedSeqFT in one, seqFFT then parallel FFT in the other, which
-reuses seqFFT's first task (both are full fine-tuning of M0: one shared training, see ``sequence/runner.py``).
+All three methods begin with the same training: full fine-tuning of M0 on the liver (parallel FFT's and seqFFT's
+first task, MedSeqFT's first stage A), trained once and shared (``sequence/runner.py``). On a CPU the runs go in
+phases (``CPU_PHASES``): parallel FFT first with every core (it trains that shared first task), then MedSeqFT and
+seqFFT at once, one torch thread each, both reusing it.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ SCALE = "cpu"
 POOL_ID, FIRST_TASK, NUM_TASKS = 500, 501, 2  # synth with 2 tasks: 501 liver, 502 spleen (503/504 unseen, unused)
 PRETRAINER = "MedSeqFTPretrainTrainer_cpuDemo"  # 8 of _cpu's 60 epochs (reconstruction score ~0.79 vs ~0.89)
 METHODS = ("medseqft", "seqfft", "parallel")
-# on a CPU: lanes run at once, one torch thread each; parallel after seqfft reuses their shared first task
-CPU_LANES = (("medseqft",), ("seqfft", "parallel"))
+# on a CPU: phases one after the other, the lanes of a phase at once (one torch thread each when there are two).
+# Every method's first training is the shared full fine-tuning of M0 on the liver: parallel trains it, alone.
+CPU_PHASES = ((("parallel",),), (("medseqft",), ("seqfft",)))
 # liver and spleen are learned at 16 x 50; the scale's 24 epochs are for the pancreas of the 4-task benchmark
 DEMO_EPOCHS = 16
 MDS_ARGS = ["--mds", "repeats=16"]  # 16 draws per case: the buffer of a demo, not the paper's 1000
@@ -90,10 +92,15 @@ def run_demo(out: str, device: str = "cpu") -> str:
     commands = {method: [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", foundation,
                          "--datasets", *tasks, "--method", method, "--name", f"demo-{method}", "--device", device,
                          *scale.budget_args(DEMO_EPOCHS), *MDS_ARGS] for method in METHODS}
-    lanes = CPU_LANES if device == "cpu" else (METHODS,)  # a GPU: one run at a time
-    print(f"== medseqft run over datasets {' '.join(tasks)}: "
-          + "; ".join(" then ".join(lane) for lane in lanes) + (" (at once)" if len(lanes) > 1 else ""), flush=True)
-    failed = run_lanes([[(m, commands[m]) for m in lane] for lane in lanes], env)
+    phases = CPU_PHASES if device == "cpu" else ((METHODS,),)  # a GPU: one run at a time
+    print(f"== medseqft run over datasets {' '.join(tasks)}: " + ", then ".join(
+        " and ".join(" then ".join(lane) for lane in lanes) + (" at once" if len(lanes) > 1 else "")
+        for lanes in phases), flush=True)
+    failed = []
+    for lanes in phases:  # a failed run stops the demo after its phase: later phases may need its models
+        failed += run_lanes([[(m, commands[m]) for m in lane] for lane in lanes], env)
+        if failed:
+            break
     if failed:
         raise MedSeqFTError(f"The {' and '.join(failed)} run{'s' if len(failed) > 1 else ''} stopped (the output "
                             f"above says why). Resume the demo with: medseqft demo --out {out}")

@@ -26,6 +26,8 @@ VERSION = 1
 SHARED_M0_TASKS = "shared_m0_tasks"
 # set in every run begun since the multitask reference trains with the marginal loss (trainers/multitask.py)
 MARGINAL_MULTITASK = "marginal_multitask"
+# set in every run begun since a two-stage method's first task takes its stage A from the shared M0 reference
+SHARED_STAGE_A = "shared_stage_a"
 
 
 def now() -> str:

@@ -11,8 +11,9 @@ Steps of a run, in order (each recorded in the manifest, see ``manifest.py``):
   evaluate/R    the R matrix, ACC, BWT, FWT
   unseen/U/...  full fine-tuning of the run's final body and of M0 (plans ``MedSeqFTPlans-<sha>.fromM0-<key>``)
                 on each unseen dataset, then both evaluated
-Full fine-tuning of M0 on a dataset (the unseen reference, parallel FFT's tasks, seqFFT's first task) is one
-training per foundation, budget, seed and fold, shared by every run that needs it (``_is_m0_reference``).
+Full fine-tuning of M0 on a dataset (the unseen reference, parallel FFT's tasks, seqFFT's first task, the stage A
+of MedSeqFT's first task) is one training per foundation, budget, seed and fold, shared by every run that needs it
+(``_is_m0_reference``, ``_stage_a_is_m0_reference``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,16 @@ from contextlib import ExitStack
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.foundation import start_from_foundation
+from nnunetv2_medseqft.method.settings import RFTSettings
 from nnunetv2_medseqft.paths import model_folder, portable
 from nnunetv2_medseqft.sequence.layout import LOGS_FOLDER, RESULTS_FILE, run_folder
-from nnunetv2_medseqft.sequence.manifest import MARGINAL_MULTITASK, SHARED_M0_TASKS, Manifest, RunLock
+from nnunetv2_medseqft.sequence.manifest import (
+    MARGINAL_MULTITASK,
+    SHARED_M0_TASKS,
+    SHARED_STAGE_A,
+    Manifest,
+    RunLock,
+)
 from nnunetv2_medseqft.sequence.recipes import UNSEEN_TRAINER, Method, get_method
 from nnunetv2_medseqft.sequence.request import (
     RunRequest,
@@ -57,7 +65,7 @@ class Runner(TaskSteps, ScoringSteps):
     # ------------------------------------------------------------ step list
     def _plan_steps(self) -> list[tuple[str, callable]]:
         r, m = self.request, self.method
-        self.trainings = {}  # step -> (dataset, start model, from M0): what _check_model_folders inspects
+        self.trainings = {}  # step -> [(dataset, start model, from M0)]: what _check_model_folders inspects
         steps = [("plan", lambda: self._plan(r.datasets + r.unseen))]
         if m.union:
             steps += [("union", self._union), ("plan/union", lambda: self._plan([self._union_name()])),
@@ -68,14 +76,15 @@ class Runner(TaskSteps, ScoringSteps):
                 if m.mds:
                     steps.append((f"select/{d}", lambda i=i, d=d: self._select(i, d)))
                 shared = self._is_m0_reference(d)
-                self.trainings[f"train/{d}"] = (d, lambda i=i: self._start_model(i), shared)
-                steps.append((f"train/{d}", lambda i=i, d=d, shared=shared: self._train(d, self._start_model(i),
-                                                                                    from_m0=shared)))
+                self.trainings[f"train/{d}"] = [(d, lambda i=i: self._start_model(i), shared)]
+                if self._stage_a_is_m0_reference(d):
+                    self.trainings[f"train/{d}"].insert(0, (d, self._m0_start, True))
+                steps.append((f"train/{d}", lambda i=i, d=d, shared=shared: self._train_task(i, d, shared)))
                 steps.append((f"evaluate/{d}", lambda d=d: self._evaluate_task(d)))
             steps.append(("evaluate/R", self._evaluate_r))
         for u in r.unseen:
-            self.trainings[f"unseen/{u}/from-run"] = (u, self._final_model, False)
-            self.trainings[f"unseen/{u}/from-M0"] = (u, self._m0_start, True)
+            self.trainings[f"unseen/{u}/from-run"] = [(u, self._final_model, False)]
+            self.trainings[f"unseen/{u}/from-M0"] = [(u, self._m0_start, True)]
             steps.append((f"unseen/{u}/from-run", lambda u=u: self._train(u, self._final_model())))
             steps.append((f"unseen/{u}/from-M0", lambda u=u: self._train(u, self._m0_start(), from_m0=True)))
             steps.append((f"unseen/{u}/evaluate", lambda u=u: self._evaluate_unseen(u)))
@@ -103,8 +112,9 @@ class Runner(TaskSteps, ScoringSteps):
             self.manifest.finish(key, started, outputs)
 
     # ------------------------------------------------------------ models of this run
-    def _trainer(self, dataset: str) -> str:
-        if dataset in self.request.unseen or (self.method.union and not self.manifest.data.get(MARGINAL_MULTITASK)):
+    def _trainer(self, dataset: str, from_m0: bool = False) -> str:
+        if from_m0 or dataset in self.request.unseen \
+                or (self.method.union and not self.manifest.data.get(MARGINAL_MULTITASK)):
             return UNSEEN_TRAINER  # (a multitask run begun before the marginal loss keeps its plain merge)
         return self.method.trainer
 
@@ -113,8 +123,8 @@ class Runner(TaskSteps, ScoringSteps):
             else run_plans_name(self.request.name)
 
     def _model_folder(self, dataset: str, from_m0: bool = False) -> str:
-        return model_folder(dataset, self._trainer(dataset), self._plans_name(from_m0), self.request.configuration,
-                            self.request.fold)
+        return model_folder(dataset, self._trainer(dataset, from_m0), self._plans_name(from_m0),
+                            self.request.configuration, self.request.fold)
 
     def _is_m0_reference(self, dataset: str) -> bool:
         """A task of the sequence that is plain full fine-tuning of M0 (parallel FFT's tasks, seqFFT's first) with the
@@ -126,6 +136,15 @@ class Runner(TaskSteps, ScoringSteps):
                 or dataset not in r.datasets:  # (--rft is moot for the FFT trainer: stage A only)
             return False
         return not m.chained or dataset == r.datasets[0]
+
+    def _stage_a_is_m0_reference(self, dataset: str) -> bool:
+        """A two-stage method's first task starts from M0, and with rft budget=fft_full its stage A is full
+        fine-tuning of M0 with the run's budget and seed: the M0 reference of that task (parallel FFT's, seqFFT's).
+        It is trained once and shared; the task's trainer takes it as F_t (plans' medseqft.fft_model) and trains
+        stage B only. Runs begun before this sharing train their own stage A (no ``SHARED_STAGE_A`` mark)."""
+        r, m = self.request, self.method
+        return bool(self.manifest.data.get(SHARED_STAGE_A)) and m.two_stage and dataset == r.datasets[0] \
+            and RFTSettings.from_dict(self._trainer_rft()).budget == "fft_full"
 
     def _task_model(self, dataset: str, which: str = "M") -> str:
         return os.path.join(self._model_folder(dataset, self._is_m0_reference(dataset)),
@@ -163,7 +182,7 @@ def run_sequence(request: RunRequest, log=print) -> str:
         manifest.data["foundation"] = {"path": portable(request.foundation), "sha256": foundation.sha256}
         manifest.data.setdefault("command", request.command)  # the first command: resumes repeat its settings
         if not manifest.data["steps"]:
-            for mark in (SHARED_M0_TASKS, MARGINAL_MULTITASK):  # a new run; one begun before lacks the mark
+            for mark in (SHARED_M0_TASKS, MARGINAL_MULTITASK, SHARED_STAGE_A):  # a new run; one begun before lacks the mark
                 manifest.data.setdefault(mark, True)
             manifest.save()
         runner = Runner(request, foundation, manifest, log=log)

@@ -85,6 +85,8 @@ class TaskSteps:
         section.update(run=None if from_m0 else r.name, method="reference: full fine-tuning of M0" if from_m0
                        else r.method, seed=r.seed, rft=self._trainer_rft(from_m0), budget=dict(r.budget),
                        final_validation=r.nnunet_validation, previous_model=portable(previous_model))
+        if not from_m0 and self._stage_a_is_m0_reference(dataset):  # F_t given: the trainer trains stage B only
+            section["fft_model"] = portable(self._m0_reference_model(dataset))
         plans["plans_name"] = name
         return plans
 
@@ -107,6 +109,17 @@ class TaskSteps:
         return {"buffer": file_record(buffer_file_path(dataset, self.request.fold, plans, self.request.configuration))}
 
     # ------------------------------------------------------------ train
+    def _m0_reference_model(self, dataset: str) -> str:
+        return os.path.join(self._model_folder(dataset, from_m0=True), "checkpoint_final.pth")
+
+    def _train_task(self, i: int, dataset: str, from_m0: bool) -> dict:
+        """Task i of the sequence; a stage A that is the M0 reference is trained (or found) first."""
+        if self._stage_a_is_m0_reference(dataset):
+            self._train(dataset, self._m0_start(), from_m0=True)
+            self.log(f"  stage A of {dataset} is the M0 reference (full fine-tuning of M0, same budget and seed; "
+                     f"shared with parallel FFT and seqFFT): {self._m0_reference_model(dataset)}")
+        return self._train(dataset, self._start_model(i), from_m0=from_m0)
+
     def _train(self, dataset: str, start_model: str, from_m0: bool = False) -> dict:
 
         if not os.path.isfile(start_model):
@@ -117,7 +130,7 @@ class TaskSteps:
             return self._train_locked(dataset, start_model, from_m0)
 
     def _train_locked(self, dataset: str, start_model: str, from_m0: bool) -> dict:
-        trainer = self._trainer(dataset)
+        trainer = self._trainer(dataset, from_m0)
         folder = self._model_folder(dataset, from_m0)
         final = os.path.join(folder, "checkpoint_final.pth")
         plans = self._write_run_plans(dataset, start_model, from_m0)
@@ -134,7 +147,7 @@ class TaskSteps:
                 cmd += ["-pretrained_weights", loadable_here(start_model, os.path.join(self.folder, "start_models"))]
             log_file = os.path.join(self.folder, LOGS_FOLDER, self._log_name(dataset, from_m0))
             epochs = int(self.request.budget.get("num_epochs") or 1000)
-            if dataset not in self.request.unseen and self.method.two_stage:  # fft_full: B on top
+            if trainer == self.method.trainer and self.method.two_stage:  # fft_full: B on top
                 epochs += RFTSettings.from_dict(self._trainer_rft()).stage_b_extra_epochs(epochs)
             remaining = self._remaining_train_steps()
             train_with_progress(cmd, log_file, label=self._label(dataset, from_m0), epochs=epochs,
@@ -149,22 +162,26 @@ class TaskSteps:
         """Checkpoints already in an unfinished step's model folder (an interrupted step, a shared reference, or
         a run folder that was deleted) are continued or reused only if trained with exactly these settings."""
 
-        for key, (dataset, start, from_m0) in self.trainings.items():
+        for key, trainings in self.trainings.items():
             if self.manifest.is_done(key):
                 continue
-            folder = self._model_folder(dataset, from_m0)
-            ours = self._run_plans(dataset, start(), from_m0)["medseqft"]
-            for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
-                path = os.path.join(folder, name)
-                if os.path.isfile(path):
-                    theirs = dict(load_checkpoint_file(path)["init_args"]["plans"].get("medseqft", {}))
-                    if theirs.get("previous_model"):  # an older run's absolute record, or one from before a move
-                        theirs["previous_model"] = portable(resolved(theirs["previous_model"]))
-                    diff = sorted(k for k in set(ours) | set(theirs)
-                                  if ours.get(k) != theirs.get(k) and not (from_m0 and k in NOT_THE_REFERENCE))
-                    if diff:
-                        raise MedSeqFTError(f"{path} was trained with other settings ({', '.join(diff)} differ) and "
-                                            f"is not this run's. Move {folder} away, or choose another --name.")
+            for dataset, start, from_m0 in trainings:
+                self._check_model_folder(dataset, start, from_m0)
+
+    def _check_model_folder(self, dataset: str, start, from_m0: bool) -> None:
+        folder = self._model_folder(dataset, from_m0)
+        ours = self._run_plans(dataset, start(), from_m0)["medseqft"]
+        for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                theirs = dict(load_checkpoint_file(path)["init_args"]["plans"].get("medseqft", {}))
+                if theirs.get("previous_model"):  # an older run's absolute record, or one from before a move
+                    theirs["previous_model"] = portable(resolved(theirs["previous_model"]))
+                diff = sorted(k for k in set(ours) | set(theirs)
+                              if ours.get(k) != theirs.get(k) and not (from_m0 and k in NOT_THE_REFERENCE))
+                if diff:
+                    raise MedSeqFTError(f"{path} was trained with other settings ({', '.join(diff)} differ) and "
+                                        f"is not this run's. Move {folder} away, or choose another --name.")
 
     def _log_name(self, dataset: str, from_m0: bool) -> str:
         return f"{self.step_index:02d}_train_{dataset}{'_fromM0' if from_m0 else ''}.log"
@@ -175,7 +192,7 @@ class TaskSteps:
             return f"unseen {dataset} from {'M0' if from_m0 else 'the final body'}"
         if self.method.union:
             return f"multitask on the union of {len(r.datasets)} tasks"
-        return f"task {r.datasets.index(dataset) + 1}/{len(r.datasets)} {dataset} ({self._trainer(dataset)})"
+        return f"task {r.datasets.index(dataset) + 1}/{len(r.datasets)} {dataset} ({self._trainer(dataset, from_m0)})"
 
     def _remaining_train_steps(self) -> int:
         keys = [k for k, _ in self.steps[self.step_index:]]
