@@ -191,6 +191,24 @@ def test_medseqft_first_task_takes_stage_a_from_the_m0_reference(nnunet, medseqf
     assert "fft_model" not in plans["medseqft"]
 
 
+@pytest.mark.parametrize("method, extra, expected", [
+    ("medseqft", [], ["True", "False"]), ("random-buffer", [], ["True", "False"]),
+    ("medseqft", ["--rft", "budget=split"], ["False", "False"]),  # stage A shorter than the budget: its own
+    ("seqfft", [], ["False", "False"]), ("lora", [], ["False", "False"]),
+])
+def test_which_runs_take_their_first_stage_a_from_the_m0_reference(nnunet, tiny_foundation, method, extra, expected):
+    name = f"t-stage-a-{method}-{len(extra)}"
+    code = runner_code(run_cmd(tiny_foundation, name, method, *extra), nnunet.root / name, """
+from nnunetv2_medseqft.sequence.manifest import SHARED_STAGE_A
+manifest.data[SHARED_STAGE_A] = True
+runner = new_runner()
+print(*(runner._stage_a_is_m0_reference(d) for d in runner.request.datasets))
+del manifest.data[SHARED_STAGE_A]  # a run begun before the sharing trains its own
+print(new_runner()._stage_a_is_m0_reference(runner.request.datasets[0]))
+""")
+    assert run_python(code, nnunet).stdout.split()[-3:] == [*expected, "False"]
+
+
 def test_changed_settings_are_refused_for_an_existing_run(nnunet, tiny_foundation, medseqft_run):
     name = medseqft_run[0]
     before = (nnunet.results / "medseqft_runs" / name / "manifest.json").read_bytes()
