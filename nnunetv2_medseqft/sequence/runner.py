@@ -182,7 +182,8 @@ def run_sequence(request: RunRequest, log=print) -> str:
         manifest.data["foundation"] = {"path": portable(request.foundation), "sha256": foundation.sha256}
         manifest.data.setdefault("command", request.command)  # the first command: resumes repeat its settings
         if not manifest.data["steps"]:
-            for mark in (SHARED_M0_TASKS, MARGINAL_MULTITASK, SHARED_STAGE_A):  # a new run; one begun before lacks the mark
+            # a new run; one begun before lacks the mark
+            for mark in (SHARED_M0_TASKS, MARGINAL_MULTITASK, SHARED_STAGE_A):
                 manifest.data.setdefault(mark, True)
             manifest.save()
         runner = Runner(request, foundation, manifest, log=log)
