@@ -4,8 +4,8 @@
 import os
 import sys
 
-from nnunetv2_medseqft.reports.demo import CPU_PHASES, METHODS, run_lanes
-from nnunetv2_medseqft.threads import THREADS_ENV
+from nnunetv2_medseqft.reports.demo import CPU_PHASES, METHODS, SPLEEN_ALONE, run_lanes
+from nnunetv2_medseqft.threads import THREADS_ENV, THREADS_FILE_ENV, threads_per_job
 
 
 def _python(code: str) -> list[str]:
@@ -27,7 +27,24 @@ def test_one_lane_keeps_nnunets_threads_and_the_cpu_phases_hold_every_method_onc
     env = {k: v for k, v in os.environ.items() if k != THREADS_ENV}
     assert run_lanes([[("x", _python("import os; print(os.environ.get('" + THREADS_ENV + "'))"))]], env) == []
     assert capsys.readouterr().out.strip() == "[x] None"
-    assert sorted(m for lanes in CPU_PHASES for lane in lanes for m in lane) == sorted(METHODS)
-    # every method's first training is the shared full fine-tuning of M0: one run trains it, alone, before the
-    # others start (two lanes waiting on one training would leave a core idle)
-    assert CPU_PHASES[0] == (("parallel",),) and all(len(lanes) <= 2 for lanes in CPU_PHASES)
+    assert sorted(m for lanes in CPU_PHASES for lane in lanes for m in lane) == sorted(METHODS + (SPLEEN_ALONE,))
+    # every method's first training is the shared full fine-tuning of M0 on the liver: the parallel run trains it
+    # in the first phase, beside parallel FFT's spleen; the methods that start from it come after (a lane waiting
+    # on another lane's training would leave a core idle)
+    assert sorted(CPU_PHASES[0]) == [("parallel",), (SPLEEN_ALONE,)] and all(len(lanes) <= 2 for lanes in CPU_PHASES)
+
+
+def test_a_finished_lane_gives_its_cores_to_the_lanes_still_running(capsys):
+    """The slow lane reads the threads file after the quick lane ended: every core for the one left."""
+    wait_and_read = ("import os, time\nfrom nnunetv2_medseqft.threads import threads_per_job\n"
+                     f"path = os.environ['{THREADS_FILE_ENV}']\n"
+                     "print('at start', open(path).read().strip())\n"
+                     "end = time.time() + 30\n"
+                     "while open(path).read().strip() != str(threads_per_job(1)) and time.time() < end:\n"
+                     "    time.sleep(0.1)\n"
+                     "print('after', open(path).read().strip())\nprint('file', path)")
+    assert run_lanes([[("slow", _python(wait_and_read))], [("quick", _python("pass"))]], dict(os.environ)) == []
+    out = capsys.readouterr().out.splitlines()
+    assert f"[slow] at start {threads_per_job(2)}" in out and f"[slow] after {threads_per_job(1)}" in out
+    path = next(line.split(" ", 2)[2] for line in out if line.startswith("[slow] file "))
+    assert not os.path.exists(path)  # the lane runner removes it

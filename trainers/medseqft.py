@@ -40,6 +40,7 @@ from nnunetv2_medseqft.method.buffer import oversampled_identifiers, random_buff
 from nnunetv2_medseqft.method.foundation import recorded_foundation, require_3d_configuration
 from nnunetv2_medseqft.method.previous_model import check_previous_model, previous_model_path
 from nnunetv2_medseqft.method.settings import MDSSettings, RFTSettings
+from nnunetv2_medseqft.pacing import PacedEpochsMixin
 from nnunetv2_medseqft.paths import resolved
 from nnunetv2_medseqft.plugin.variants import apply_budget, budget_variant, seed_everything
 from nnunetv2_medseqft.threads import apply_torch_threads
@@ -50,7 +51,7 @@ ADAPTER_FOLDER = "adapter"
 LOSS_KEYS = ("medseqft_seg", "medseqft_k", "medseqft_g")
 
 
-class MedSeqFTTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
+class MedSeqFTTrainer(MedSeqFTCheckpointMixin, PacedEpochsMixin, nnUNetTrainer):
     """One task step: stage A (FFT) for the first epochs, stage B (``RFTStage``) for the rest, then the merge.
 
     ``self.stage`` is "A", "B" or "merged" (recorded in every checkpoint); in stage B, ``self.rft_stage``

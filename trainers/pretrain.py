@@ -25,6 +25,7 @@ from nnunetv2_medseqft.method.ssl import (
     random_patch,
     ssl_losses,
 )
+from nnunetv2_medseqft.pacing import PacedEpochsMixin
 from nnunetv2_medseqft.plugin.variants import budget_variant
 from nnunetv2_medseqft.threads import apply_torch_threads
 
@@ -32,7 +33,7 @@ from nnunetv2_medseqft.threads import apply_torch_threads
 VALIDATION_SEED = 20251
 
 
-class MedSeqFTPretrainTrainer(MedSeqFTCheckpointMixin, nnUNetTrainer):
+class MedSeqFTPretrainTrainer(MedSeqFTCheckpointMixin, PacedEpochsMixin, nnUNetTrainer):
     """SSL settings come from the plans' ``medseqft.ssl`` section when present, else SSLSettings defaults."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

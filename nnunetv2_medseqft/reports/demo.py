@@ -9,8 +9,10 @@ variables are set for the child processes only. Re-running with the same ``--out
 
 All three methods begin with the same training: full fine-tuning of M0 on the liver (parallel FFT's and seqFFT's
 first task, MedSeqFT's first stage A), trained once and shared (``sequence/runner.py``). On a CPU the runs go in
-phases (``CPU_PHASES``): parallel FFT first with every core (it trains that shared first task), then MedSeqFT and
-seqFFT at once, one torch thread each, both reusing it.
+two phases of two lanes (``CPU_PHASES``), one torch thread per lane, a lane that finishes giving its core to the
+other (``run_lanes``): first parallel FFT's two trainings at once, the liver in the parallel run itself and the
+spleen in a parallel run over the spleen alone (``demo-parallel-502``), whose model the parallel run reuses;
+then MedSeqFT and seqFFT at once, both starting from the shared liver model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime
@@ -28,9 +31,11 @@ SCALE = "cpu"
 POOL_ID, FIRST_TASK, NUM_TASKS = 500, 501, 2  # synth with 2 tasks: 501 liver, 502 spleen (503/504 unseen, unused)
 PRETRAINER = "MedSeqFTPretrainTrainer_cpuDemo"  # 8 of _cpu's 60 epochs (reconstruction score ~0.79 vs ~0.89)
 METHODS = ("medseqft", "seqfft", "parallel")
-# on a CPU: phases one after the other, the lanes of a phase at once (one torch thread each when there are two).
-# Every method's first training is the shared full fine-tuning of M0 on the liver: parallel trains it, alone.
-CPU_PHASES = ((("parallel",),), (("medseqft",), ("seqfft",)))
+# parallel FFT over the second task alone: trains parallel FFT's spleen model beside its liver model (the parallel
+# run reuses it: one M0 reference per task); not in the comparison, it is the parallel run's second training
+SPLEEN_ALONE = "parallel-502"
+# on a CPU: phases one after the other, the lanes of a phase at once (one torch thread each).
+CPU_PHASES = ((("parallel",), (SPLEEN_ALONE,)), (("medseqft",), ("seqfft",)))
 # liver and spleen are learned at 16 x 50; the scale's 24 epochs are for the pancreas of the 4-task benchmark
 DEMO_EPOCHS = 16
 MDS_ARGS = ["--mds", "repeats=16"]  # 16 draws per case: the buffer of a demo, not the paper's 1000
@@ -89,9 +94,14 @@ def run_demo(out: str, device: str = "cpu") -> str:
               ["nnUNetv2_train", str(POOL_ID), "3d_fullres", "all", "-tr", PRETRAINER, "-p", scale.plans_name,
                "-device", device], env, log_file)
     tasks = [str(FIRST_TASK + i) for i in range(NUM_TASKS)]
-    commands = {method: [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", foundation,
-                         "--datasets", *tasks, "--method", method, "--name", f"demo-{method}", "--device", device,
-                         *scale.budget_args(DEMO_EPOCHS), *MDS_ARGS] for method in METHODS}
+
+    def run_command(method: str, name: str, datasets: list[str]) -> list[str]:
+        return [sys.executable, "-m", "nnunetv2_medseqft.cli.main", "run", "--foundation", foundation,
+                "--datasets", *datasets, "--method", method, "--name", f"demo-{name}", "--device", device,
+                *scale.budget_args(DEMO_EPOCHS), *MDS_ARGS]
+
+    commands = {method: run_command(method, method, tasks) for method in METHODS}
+    commands[SPLEEN_ALONE] = run_command("parallel", SPLEEN_ALONE, tasks[1:])
     phases = CPU_PHASES if device == "cpu" else ((METHODS,),)  # a GPU: one run at a time
     print(f"== medseqft run over datasets {' '.join(tasks)}: " + ", then ".join(
         " and ".join(" then ".join(lane) for lane in lanes) + (" at once" if len(lanes) > 1 else "")
@@ -116,33 +126,49 @@ def run_demo(out: str, device: str = "cpu") -> str:
 
 
 def run_lanes(lanes: list[list[tuple[str, list[str]]]], env: dict) -> list[str]:
-    """Run the lanes at once (with several, each child gets one torch thread per lane's share of the cores), the
-    commands of a lane one after the other, a lane stopping at its first failure; every output line is printed
-    with its label. Returns the labels that failed (a lane's failure leaves the other lanes running)."""
+    """Run the lanes at once (with several, each child gets one torch thread per lane's share of the cores, and
+    when a lane finishes the others take over its cores at their next epoch: ``MEDSEQFT_TORCH_THREADS_FILE``),
+    the commands of a lane one after the other, a lane stopping at its first failure; every output line is
+    printed with its label. Returns the labels that failed (a lane's failure leaves the other lanes running)."""
     from nnunetv2_medseqft.sequence.train_process import _command
-    from nnunetv2_medseqft.threads import threads_env
+    from nnunetv2_medseqft.threads import THREADS_FILE_ENV, threads_env, threads_per_job, write_threads_file
 
-    env = {**env, "PYTHONUNBUFFERED": "1",  # lines as they come, not in bursts through the pipe
-           **(threads_env(len(lanes)) if len(lanes) > 1 else {})}
-    failed, print_lock = [], threading.Lock()
+    env = {**env, "PYTHONUNBUFFERED": "1"}  # lines as they come, not in bursts through the pipe
+    threads_file = None
+    if len(lanes) > 1:
+        fd, threads_file = tempfile.mkstemp(prefix="medseqft_threads_")
+        os.close(fd)
+        write_threads_file(threads_file, threads_per_job(len(lanes)))
+        env.update(threads_env(len(lanes)), **{THREADS_FILE_ENV: threads_file})
+    failed, lock, running = [], threading.Lock(), [len(lanes)]
 
     def lane_main(lane: list[tuple[str, list[str]]]) -> None:
-        for label, cmd in lane:
-            proc = subprocess.Popen(_command(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1)
-            for line in proc.stdout:
-                with print_lock:
-                    print(f"[{label}] {line}", end="", flush=True)
-            if proc.wait() != 0:
-                failed.append(label)
-                return
+        try:
+            for label, cmd in lane:
+                proc = subprocess.Popen(_command(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, bufsize=1)
+                for line in proc.stdout:
+                    with lock:
+                        print(f"[{label}] {line}", end="", flush=True)
+                if proc.wait() != 0:
+                    failed.append(label)
+                    return
+        finally:
+            with lock:
+                running[0] -= 1
+                if threads_file and running[0]:
+                    write_threads_file(threads_file, threads_per_job(running[0]))
 
     threads = [threading.Thread(target=lane_main, args=(lane,), daemon=True) for lane in lanes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():  # join in steps, so that Ctrl-C reaches this thread (the children get it too)
-            t.join(timeout=0.5)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():  # join in steps, so that Ctrl-C reaches this thread (the children get it too)
+                t.join(timeout=0.5)
+    finally:
+        if threads_file:
+            os.remove(threads_file)
     return failed
 
 

@@ -45,6 +45,7 @@ from nnunetv2_medseqft.sequence.request import (
 from nnunetv2_medseqft.sequence.run_record import read_run
 from nnunetv2_medseqft.sequence.scoring import ScoringSteps
 from nnunetv2_medseqft.sequence.steps import TaskSteps
+from nnunetv2_medseqft.threads import refresh_torch_threads
 
 
 class Runner(TaskSteps, ScoringSteps):
@@ -102,6 +103,7 @@ class Runner(TaskSteps, ScoringSteps):
                 self.manifest.check_done_outputs(key)
                 continue
             self.log(f"[{self.request.name}] step {self.step_index}/{total}: {key}")
+            refresh_torch_threads()  # a lane beside this run may have finished (medseqft demo)
             started = self.manifest.start(key, {"kind": key.split("/")[0]})
             try:
                 outputs = func() or {}
