@@ -5,12 +5,14 @@
   epochs of 30 s or more (nnU-Net's own budget on a GPU) every epoch is still drawn.
 - torch threads: re-read at every epoch start (``refresh_torch_threads``), so that a training whose neighbour
   lane finished (``medseqft demo``) takes over the freed core.
+- on a CPU, freed memory is kept for reuse (``cpu_memory.py``): ~10% of a CPU-scale epoch went to page faults.
 """
 
 from __future__ import annotations
 
 import time
 
+from nnunetv2_medseqft.cpu_memory import keep_freed_memory
 from nnunetv2_medseqft.threads import refresh_torch_threads
 
 PLOT_EVERY_S = 30.0
@@ -39,6 +41,8 @@ class PacedEpochsMixin:
     """For nnUNetTrainer subclasses (before nnUNetTrainer in the bases)."""
 
     def on_train_start(self):
+        if self.device.type == "cpu":  # before the loader workers are forked: they inherit it
+            keep_freed_memory()
         super().on_train_start()
         if not isinstance(self.logger, PacedLogger):
             self.logger = PacedLogger(self)
