@@ -4,7 +4,7 @@
 import os
 import sys
 
-from nnunetv2_medseqft.reports.demo import CPU_PHASES, METHODS, SPLEEN_ALONE, run_lanes
+from nnunetv2_medseqft.reports.demo import CPU_PHASES, M0_REFERENCES, METHODS, run_lanes
 from nnunetv2_medseqft.threads import THREADS_ENV, THREADS_FILE_ENV, threads_per_job
 
 
@@ -27,11 +27,10 @@ def test_one_lane_keeps_nnunets_threads_and_the_cpu_phases_hold_every_method_onc
     env = {k: v for k, v in os.environ.items() if k != THREADS_ENV}
     assert run_lanes([[("x", _python("import os; print(os.environ.get('" + THREADS_ENV + "'))"))]], env) == []
     assert capsys.readouterr().out.strip() == "[x] None"
-    assert sorted(m for lanes in CPU_PHASES for lane in lanes for m in lane) == sorted(METHODS + (SPLEEN_ALONE,))
-    # every method's first training is the shared full fine-tuning of M0 on the liver: the parallel run trains it
-    # in the first phase, beside parallel FFT's spleen; the methods that start from it come after (a lane waiting
-    # on another lane's training would leave a core idle)
-    assert sorted(CPU_PHASES[0]) == [("parallel",), (SPLEEN_ALONE,)] and all(len(lanes) <= 2 for lanes in CPU_PHASES)
+    assert sorted(m for lanes in CPU_PHASES for lane in lanes for m in lane) == sorted(METHODS + M0_REFERENCES)
+    # every run of the demo starts from or is full fine-tuning of M0 on a task: those trainings go first, at once;
+    # then the runs that start from them (a lane waiting on another lane's training would leave a core idle)
+    assert CPU_PHASES[0] == tuple((ref,) for ref in M0_REFERENCES) and all(len(lanes) <= 2 for lanes in CPU_PHASES)
 
 
 def test_a_finished_lane_gives_its_cores_to_the_lanes_still_running(capsys):

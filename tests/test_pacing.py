@@ -56,3 +56,16 @@ def test_torch_threads_follow_the_threads_file(tmp_path, monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    import platform
+
+    from nnunetv2_medseqft.cpu_memory import ENV, keep_freed_memory
+
+    monkeypatch.setenv(ENV, "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv(ENV)
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_memory() is True  # every mallopt call accepted (glibc refuses values outside its limits)

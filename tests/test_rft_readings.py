@@ -148,4 +148,5 @@ def test_a_run_records_its_readings_so_a_default_change_never_mixes_them():
         flags = rft_resume_flags("medseqft", stored)
         assert RFTSettings.run_record(dict(key_value(f) for f in flags), from_command=True) == stored
     assert set(rft_resume_flags("medseqft", {})) == {"student_init=previous", "g_teacher=previous", "g_layers=all",
-                                                     "budget=split", "k_layers=all"}
+                                                     "budget=split", "k_layers=all",
+                                                     "retention_every=1"}

@@ -10,9 +10,9 @@ variables are set for the child processes only. Re-running with the same ``--out
 All three methods begin with the same training: full fine-tuning of M0 on the liver (parallel FFT's and seqFFT's
 first task, MedSeqFT's first stage A), trained once and shared (``sequence/runner.py``). On a CPU the runs go in
 two phases of two lanes (``CPU_PHASES``), one torch thread per lane, a lane that finishes giving its core to the
-other (``run_lanes``): first parallel FFT's two trainings at once, the liver in the parallel run itself and the
-spleen in a parallel run over the spleen alone (``demo-parallel-502``), whose model the parallel run reuses;
-then MedSeqFT and seqFFT at once, both starting from the shared liver model.
+other (``run_lanes``): first full fine-tuning of M0 on the liver and on the spleen at once, each a parallel FFT run
+over one task (``demo-parallel-501``, ``demo-parallel-502``); then MedSeqFT beside seqFFT followed by parallel FFT,
+which finds both of its models trained and only scores them.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ SCALE = "cpu"
 POOL_ID, FIRST_TASK, NUM_TASKS = 500, 501, 2  # synth with 2 tasks: 501 liver, 502 spleen (503/504 unseen, unused)
 PRETRAINER = "MedSeqFTPretrainTrainer_cpuDemo"  # 8 of _cpu's 60 epochs (reconstruction score ~0.79 vs ~0.89)
 METHODS = ("medseqft", "seqfft", "parallel")
-# parallel FFT over the second task alone: trains parallel FFT's spleen model beside its liver model (the parallel
-# run reuses it: one M0 reference per task); not in the comparison, it is the parallel run's second training
-SPLEEN_ALONE = "parallel-502"
+# parallel FFT over one task: full fine-tuning of M0 on it, the M0 reference that every run of the demo reuses
+# (not in the comparison: the parallel run over both tasks finds these models and scores them)
+M0_REFERENCES = tuple(f"parallel-{FIRST_TASK + i}" for i in range(NUM_TASKS))
 # on a CPU: phases one after the other, the lanes of a phase at once (one torch thread each).
-CPU_PHASES = ((("parallel",), (SPLEEN_ALONE,)), (("medseqft",), ("seqfft",)))
+CPU_PHASES = (tuple((ref,) for ref in M0_REFERENCES), (("medseqft",), ("seqfft", "parallel")))
 # liver and spleen are learned at 16 x 50; the scale's 24 epochs are for the pancreas of the 4-task benchmark
 DEMO_EPOCHS = 16
 MDS_ARGS = ["--mds", "repeats=16"]  # 16 draws per case: the buffer of a demo, not the paper's 1000
@@ -101,7 +101,7 @@ def run_demo(out: str, device: str = "cpu") -> str:
                 *scale.budget_args(DEMO_EPOCHS), *MDS_ARGS]
 
     commands = {method: run_command(method, method, tasks) for method in METHODS}
-    commands[SPLEEN_ALONE] = run_command("parallel", SPLEEN_ALONE, tasks[1:])
+    commands.update({ref: run_command("parallel", ref, [task]) for ref, task in zip(M0_REFERENCES, tasks)})
     phases = CPU_PHASES if device == "cpu" else ((METHODS,),)  # a GPU: one run at a time
     print(f"== medseqft run over datasets {' '.join(tasks)}: " + ", then ".join(
         " and ".join(" then ".join(lane) for lane in lanes) + (" at once" if len(lanes) > 1 else "")
