@@ -133,7 +133,7 @@ def _stage_steps(network, steps: int, g_whole_batch=None, teacher_rows=None, **r
 
 
 def test_retention_every_alternates_the_terms_and_weighs_them_up(network):
-    every_step = _stage_steps(network, 2)
+    every_step = _stage_steps(network, 2, retention_every=1)
     assert all(not math.isnan(o["medseqft_k"]) and not math.isnan(o["medseqft_g"]) for o in every_step)
     out = _stage_steps(network, 4, retention_every=2)
     computed = [(not math.isnan(o["medseqft_k"]), not math.isnan(o["medseqft_g"])) for o in out]
@@ -152,11 +152,11 @@ def test_generalization_teacher_on_the_whole_batch_gives_the_buffer_rows_term(ne
     out = {}
     for whole in (True, False):
         rows[whole] = []
-        out[whole] = _stage_steps(network, 1, g_whole_batch=whole, teacher_rows=rows[whole])[0]
+        out[whole] = _stage_steps(network, 1, g_whole_batch=whole, teacher_rows=rows[whole], retention_every=1)[0]
     assert rows == {True: [2], False: [1]}  # g_layers=encoder: the encoder alone runs
     assert out[True]["medseqft_g"] > 0 and out[True]["medseqft_g"] == pytest.approx(out[False]["medseqft_g"], rel=1e-4)
     rows[None] = []
-    _stage_steps(network, 1, teacher_rows=rows[None])
+    _stage_steps(network, 1, teacher_rows=rows[None], retention_every=1)
     assert rows[None] == [2]  # the CPU default
 
 
