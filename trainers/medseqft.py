@@ -5,7 +5,8 @@
     ``checkpoint_fft.pth``;
   stage B (K&G RFT), stage_b_fraction of the epochs on top: student = F_t frozen + peft LoRA on every stage
     conv, norms and head trainable; loss = seg + lambda_k * d(student, F_t) on the batch
-    + lambda_g * d(student, M0) on the encoder stages, on the MDS-buffer samples of the batch;
+    + lambda_g * d(student, M0) on the encoder stages, on the MDS-buffer samples of the batch (the two
+    retention terms on alternate steps, each weighted 2: retention_every);
   merge: ``checkpoint_final.pth`` holds M_t as a plain nnU-Net network; ``adapter/`` the peft adapter.
 The readings the paper leaves open (student start, teacher on the buffer and its layers, exported model,
 stage-B budget and optimiser) are the plans' ``medseqft.rft`` settings (``RFTSettings``); above are the defaults,
