@@ -27,6 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_mds import set_env  # noqa: E402
+
 ARMS = {"default": "0", "keep": "1"}
 
 
@@ -59,9 +62,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     work = Path(args.workdir).resolve()
-    os.environ.update(nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
-                      nnUNet_compile="f", nnUNet_def_n_proc=os.environ.get("nnUNet_def_n_proc", "2"),
-                      nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "2"))
+    set_env(work)  # nnU-Net's variables for the workdir; each training's nnUNet_results is a temporary folder
     folder = work / "nnUNet_preprocessed" / args.dataset
     plans = json.loads((folder / f"{args.plans}.json").read_text())
     plans.setdefault("medseqft", {})["budget"] = {"num_epochs": args.epochs, "iterations": 50, "val_iterations": 5,
