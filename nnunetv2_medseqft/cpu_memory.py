@@ -4,9 +4,9 @@ A CPU training step allocates and frees its activations (MBs each) over and over
 ones with mmap and unmaps them on free, and trims the heap as it shrinks, so every step faults its pages in again:
 8.5 M minor page faults and 15-18 s of kernel time in a 6-epoch CPU-scale training, loader workers included
 (benchmarks/results/cpu-memory-2026-12-05.txt: 1.0 M and 5-6 s with these settings, epochs 0.90x). With the mmap
-threshold at glibc's maximum (32 MiB) and no trimming below 1 GiB, the pages stay mapped and are reused. Tensors above 32 MiB are still mapped per allocation; the process keeps up to
-1 GiB of freed heap (its RSS does not shrink back after a peak). Elsewhere than glibc (macOS, musl) nothing
-changes. ``MEDSEQFT_KEEP_FREED_MEMORY=0`` turns it off.
+threshold at glibc's maximum (32 MiB) and no trimming below 1 GiB, the pages stay mapped and are reused. Tensors
+above 32 MiB are still mapped per allocation; the process keeps up to 1 GiB of freed heap (its RSS does not shrink
+back after a peak). Elsewhere than glibc (macOS, musl) nothing changes. ``MEDSEQFT_KEEP_FREED_MEMORY=0`` turns it off.
 """
 
 from __future__ import annotations
