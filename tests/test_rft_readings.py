@@ -53,8 +53,10 @@ def previous_model(tiny_foundation, tmp_path_factory):
 
 
 def test_student_from_fft_foundation_teacher_and_full_fft_budget(planned_task, tiny_foundation, previous_model):
+    # retention_every=1: with buffer samples drawn at random (share 0.5), the generalization term of every step
+    # gives it 16 chances in 2 epochs to be computed (with the default 2, an epoch misses it ~1 run in 16)
     plans = _plans(planned_task, "MedSeqFTPlansReadA", student_init="fft", g_teacher="foundation", budget="fft_full",
-                   g_layers="encoder", k_layers="encoder")
+                   g_layers="encoder", k_layers="encoder", retention_every=1)
     _, out = _train(planned_task, plans, previous_model)
     final, fft = _load(out / "checkpoint_final.pth"), _load(out / "checkpoint_fft.pth")
     section = final["medseqft"]
@@ -71,8 +73,9 @@ def test_student_from_fft_foundation_teacher_and_full_fft_budget(planned_task, t
     assert section["g_teacher"]["fingerprint"] == state_fingerprint(m0)
     assert section["previous_model"]["sha256"] == sha256_file(str(previous_model))
     assert section["rft"]["student_init"] == "fft" and section["rft"]["budget"] == "fft_full"
-    # g_layers=encoder: a generalization term was computed (on M0's encoder stages only: test_lora_distill)
-    assert section["rft"]["g_layers"] == "encoder" and all(g > 0 for g in final["logging"]["medseqft_g"])
+    # g_layers=encoder: a generalization term was computed (on M0's encoder stages only: test_lora_distill); an
+    # epoch whose batches drew no buffer case logs 0
+    assert section["rft"]["g_layers"] == "encoder" and any(g > 0 for g in final["logging"]["medseqft_g"])
     # k_layers=encoder: F_t's encoder alone is the knowledge teacher; the student's taps there left F_t's
     assert section["rft"]["k_layers"] == "encoder" and all(k > 0 for k in final["logging"]["medseqft_k"])
     assert tuple(final["inference_allowed_mirroring_axes"]) == (0, 1, 2), "nnU-Net's mirroring by default"
