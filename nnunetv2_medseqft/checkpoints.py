@@ -47,11 +47,11 @@ def with_decoder(encoder: dict, decoder: dict) -> dict:
     return {k: (encoder if k.startswith(ENCODER_PREFIXES) else decoder)[k] for k in decoder}
 
 
-def state_fingerprint(state_dict: dict) -> str:
-    """Content hash of weights (ignores the task-specific segmentation head)."""
+def state_fingerprint(state_dict: dict, include_head: bool = False) -> str:
+    """Content hash of weights (ignores the task-specific segmentation head unless ``include_head``)."""
     h = hashlib.sha256()
     for k in sorted(state_dict):
-        if not is_head_key(k):
+        if include_head or not is_head_key(k):
             h.update(k.encode())
             h.update(state_dict[k].detach().cpu().to(torch.float32).numpy().tobytes())
     return h.hexdigest()

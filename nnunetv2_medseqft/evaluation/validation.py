@@ -6,7 +6,8 @@ compared with the dataset's ``gt_segmentations`` (what ``nnUNetv2_train``'s fina
 MONAI's ``compute_hausdorff_distance`` (percentile 95, voxel spacing in mm). Empty masks: a label absent from
 both prediction and ground truth of a case is not scored for that case (nnU-Net's convention); one
 empty -> Dice 0, HD95 = the image diagonal in mm (a finite penalty, so means stay defined). Dice is reported in points (0-100). Test-time mirroring is off by
-default (8x cheaper in 3D; nnU-Net's own ``validation/summary.json`` keeps it).
+default (8x cheaper in 3D; nnU-Net's own ``validation/summary.json`` keeps it). Weights scored before on the same
+validation set are not predicted again (``score_cache.py``).
 
 The R matrix (METHOD.md): R[i][j] is the Dice on task j of the body after step i with task j's own
 segmentation head (row 0: the foundation's body). ACC = mean of the last row; BWT = mean over j < T of
@@ -21,12 +22,14 @@ import contextlib
 import io
 import os
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import numpy as np
 import torch
 
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.evaluation.metrics import dice_and_hd95, summarise
+from nnunetv2_medseqft.evaluation.score_cache import ScoreCache
 
 
 def overlay_slice(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> dict:
@@ -45,6 +48,7 @@ class ValidationSet:
     cases: list[tuple[str, np.ndarray, dict, np.ndarray]]  # (id, preprocessed data, properties, ground truth)
     predictor: object
     raw_images: dict[str, str]  # case id -> first channel's raw image file (for overlay figures)
+    cache: ScoreCache | None = None  # weights scored before are not predicted again (score_cache.py)
 
     @classmethod
     def load(cls, dataset_name: str, plans_name: str, configuration: str, fold, device: str = "cpu",
@@ -87,8 +91,9 @@ class ValidationSet:
         network = nnUNetTrainer.build_network_architecture(plans_manager, cfg, len(dataset_json["channel_names"]),
                                                            label_manager.num_segmentation_heads,
                                                            enable_deep_supervision=False)
+        tile_step_size, use_gaussian = 0.5, True
         with contextlib.redirect_stdout(io.StringIO()):  # its CPU notice is noise here
-            predictor = TileBatchPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror,
+            predictor = TileBatchPredictor(tile_step_size=tile_step_size, use_gaussian=use_gaussian, use_mirroring=mirror,
                                            perform_everything_on_device=device != "cpu", device=torch.device(device),
                                            verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         mirror_axes = tuple(range(len(cfg.patch_size))) if mirror else None
@@ -98,7 +103,13 @@ class ValidationSet:
 
         raw_images = {key: os.path.join(nnUNet_raw or "", dataset_name, "imagesTr", f"{key}_0000{dataset_json['file_ending']}")
                       for key in val}
-        return cls(dataset_name, labels, cases, predictor, raw_images)
+        cache = ScoreCache(folder, {
+            "dataset": dataset_name, "configuration": cfg.configuration, "model_labels": model_json["labels"],
+            "cases": ScoreCache.case_stamps(data_folder, os.path.join(folder, "gt_segmentations"),
+                                            dataset_json["file_ending"], val),
+            "mirror": mirror, "tile_step_size": tile_step_size, "use_gaussian": use_gaussian,
+            "device": torch.device(device).type, "nnunetv2": version("nnunetv2")})
+        return cls(dataset_name, labels, cases, predictor, raw_images, cache)
 
     def score(self, state_dict: dict, label_map: dict[int, int] | None = None, overlay: str | None = None) -> dict:
         """Scores of one set of weights; ``label_map`` maps predicted values to this dataset's (multitask).
@@ -109,10 +120,13 @@ class ValidationSet:
             convert_predicted_logits_to_segmentation_with_correct_shape,
         )
 
+        key = self.cache.key(state_dict, label_map) if self.cache else None
+        if key and (kept := self.cache.get(key, overlay)) is not None:
+            return kept
         p = self.predictor
         p.list_of_parameters = [state_dict]
         per_case = []
-        for n, (key, data, properties, gt) in enumerate(self.cases):
+        for n, (case, data, properties, gt) in enumerate(self.cases):
             logits = p.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
             seg = convert_predicted_logits_to_segmentation_with_correct_shape(
                 logits, p.plans_manager, p.configuration_manager, p.label_manager, properties)
@@ -122,9 +136,12 @@ class ValidationSet:
             spacing = properties["spacing"]
             per_case.append({name: dice_and_hd95(seg == value, gt == value, spacing)
                              for name, value in self.labels.items()})
-            if overlay and n == 0 and os.path.isfile(self.raw_images[key]):
-                self._write_overlay(overlay, key, seg, gt)
-        return summarise(per_case, [c[0] for c in self.cases])
+            if overlay and n == 0 and os.path.isfile(self.raw_images[case]):
+                self._write_overlay(overlay, case, seg, gt)
+        scores = summarise(per_case, [c[0] for c in self.cases])
+        if key:
+            self.cache.put(key, scores, overlay)
+        return scores
 
     def _write_overlay(self, path: str, key: str, seg: np.ndarray, gt: np.ndarray) -> None:
         import SimpleITK as sitk
