@@ -36,6 +36,7 @@ from nnunetv2_medseqft.checkpoints import (
     unwrap,
     with_head,
 )
+from nnunetv2_medseqft.cpu_precision import FloatLogits, cpu_autocast, cpu_bf16
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.buffer import oversampled_identifiers, random_buffer, select_buffer
 from nnunetv2_medseqft.method.foundation import recorded_foundation, require_3d_configuration
@@ -71,6 +72,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, PacedEpochsMixin, nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp and not torch.cuda.is_available():  # a gloo process group on CPUs (tests, CPU clusters)
             self.device, self.grad_scaler = torch.device("cpu"), None
+        self.cpu_bf16 = cpu_bf16(self.device)  # bf16 mixed precision on a CPU that computes it (cpu_precision.py)
         section = plans.get("medseqft", {})
         self.rft = RFTSettings.from_dict({**section.get("rft", {}), **self.rft_overrides})
         self.mds = MDSSettings.from_dict(section.get("mds", {}))
@@ -163,6 +165,9 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, PacedEpochsMixin, nnUNetTrainer):
                 self._take_stage_a(given_fft)
         self._select_buffer()  # before the loaders exist: stage-B loaders over-sample the buffer
         super().on_train_start()
+        if self.cpu_bf16:
+            self.print_to_log_file("Training and validation steps in bf16 mixed precision on this CPU (AMX / "
+                                   "AVX512-BF16); MEDSEQFT_CPU_BF16=0 trains in float32.")
         for key in LOSS_KEYS:
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
         if self.stage == "B" and self.rft_stage is None:  # no stage A: stage B from the first epoch
@@ -192,8 +197,17 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, PacedEpochsMixin, nnUNetTrainer):
             mirror_axes = self.inference_allowed_mirroring_axes = None
         return rotation, dummy_2d, patch, mirror_axes
 
+    def _build_loss(self):
+        loss = super()._build_loss()
+        return FloatLogits(loss) if self.cpu_bf16 else loss
+
     def train_step(self, batch: dict) -> dict:
-        return self.rft_stage.train_step(self, batch) if self.rft_stage else super().train_step(batch)
+        with cpu_autocast(self.cpu_bf16):  # on CUDA nnU-Net's own autocast (fp16) applies inside
+            return self.rft_stage.train_step(self, batch) if self.rft_stage else super().train_step(batch)
+
+    def validation_step(self, batch: dict) -> dict:
+        with cpu_autocast(self.cpu_bf16):
+            return super().validation_step(batch)
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
@@ -397,7 +411,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, PacedEpochsMixin, nnUNetTrainer):
                    "previous_model": self.previous, "fft_model": self.fft_provenance,
                    "foundation": self.plans_manager.plans.get("medseqft", {}).get("foundation"),
                    "buffer": self.buffer_record, "g_teacher": self.g_teacher,
-                   "student_start": self.student_start}
+                   "student_start": self.student_start, "cpu_bf16": self.cpu_bf16}
         if self.rft_stage:  # what --c needs besides previous_model.pth and F_t: the trainable parameters
             section["student_state"] = self.rft_stage.checkpoint_state()
         return section
