@@ -12,7 +12,8 @@ The readings the paper leaves open (student start, teacher on the buffer and its
 stage-B budget and optimiser) are the plans' ``medseqft.rft`` settings (``RFTSettings``); above are the defaults,
 chosen on fold 0 (README, "Method choices").
 Every checkpoint is a plain network (LoRA merged on the fly), so stock nnUNetv2_predict works with
-any of them; stage-B checkpoints also carry the trainable student state for ``--c``.
+any of them; stage-B checkpoints also carry the trainable student state for ``--c``. On a CPU with bf16 hardware
+the training and validation steps run in bf16 mixed precision (``cpu_precision.py``), as nnU-Net's fp16 on CUDA.
 """
 
 from __future__ import annotations
