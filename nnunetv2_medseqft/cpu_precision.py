@@ -39,6 +39,11 @@ def cpu_bf16(device: torch.device) -> bool:
     return value == "1" or (value == "auto" and cpu_has_bf16())
 
 
+def check_cpu_bf16_setting() -> None:
+    """Refuse a bad ``MEDSEQFT_CPU_BF16`` (commands that start trainings call this first)."""
+    cpu_bf16(torch.device("cpu"))
+
+
 def cpu_autocast(enabled: bool):
     """bf16 autocast for a training or validation step on a CPU (``enabled``: ``cpu_bf16``); otherwise nothing."""
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()

@@ -81,3 +81,14 @@ def test_a_training_in_bf16_says_so_and_keeps_float32_weights(planned_task, tiny
     assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
     assert all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point())
     assert all(loss == loss for loss in final["logging"]["train_losses"])  # no NaN epoch
+
+
+def test_a_bad_setting_stops_run_and_demo_before_any_work(monkeypatch, tmp_path, capsys):
+    from nnunetv2_medseqft.cli.main import main
+
+    monkeypatch.setenv(ENV, "fast")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 2 and not out.exists()
+    assert main(["run", "--foundation", str(tmp_path / "m0.pth"), "--datasets", "501", "--method", "medseqft",
+                 "--name", "bad-setting"]) == 2
+    assert capsys.readouterr().err.count("MEDSEQFT_CPU_BF16='fast'") == 2  # named, before the missing foundation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nnunetv2_medseqft.cpu_precision import check_cpu_bf16_setting
 from nnunetv2_medseqft.method.foundation import M0_TRANSFERS
 from nnunetv2_medseqft.sequence.recipes import METHODS
 from nnunetv2_medseqft.sequence.request import request_from_args
@@ -15,6 +16,7 @@ def _evaluate_cmd(args) -> int:
 
 
 def run(args) -> int:
+    check_cpu_bf16_setting()  # a bad MEDSEQFT_CPU_BF16 is named now, not by the first training after planning and MDS
     request = request_from_args(args)
     if request.m0_transfer == "full":
         warn_inactive_head_inputs(request.foundation)

@@ -55,13 +55,15 @@ class ScoreCache:
             entry = read_json(path)
         except (OSError, ValueError):  # none yet, or unreadable: scored again
             return None
+        if not isinstance(entry, dict):  # not one of ours
+            return None
         if overlay:
             if not entry.get("overlay"):
                 return None
             kept = os.path.join(self.folder, f"{key}.npz")
             if os.path.isfile(kept):  # none drawn: the raw image was not there (validation.py)
                 _copy_atomic(kept, overlay)
-        return entry["scores"]
+        return entry.get("scores")
 
     def put(self, key: str, scores: dict, overlay: str | None = None) -> None:
         os.makedirs(self.folder, exist_ok=True)

@@ -173,6 +173,9 @@ def run_lanes(lanes: list[list[tuple[str, list[str]]]], env: dict) -> list[str]:
 
 
 def run(args) -> int:
+    from nnunetv2_medseqft.cpu_precision import check_cpu_bf16_setting
+
+    check_cpu_bf16_setting()  # before generating data: a bad MEDSEQFT_CPU_BF16 would stop the first training
     out = args.out or os.path.join(os.getcwd(), f"medseqft_demo_{datetime.now():%Y%m%d_%H%M%S}")
     run_demo(out, device=args.device)
     return 0
