@@ -1,13 +1,13 @@
-"""bfloat16 mixed precision for the fine-tuning trainers on a CPU that computes bf16 in hardware.
+"""bfloat16 mixed precision for the MedSeqFT trainers on a CPU that computes bf16 in hardware.
 
 nnU-Net trains in mixed precision on CUDA (fp16 autocast, grad scaler) and in float32 on a CPU. On a CPU with AMX or
 AVX512-BF16 (Intel Xeon since Sapphire Rapids, AMD since Zen 4), oneDNN runs bf16 3D convolutions much faster than
-float32 (``benchmarks/bench_cpu_bf16.py``). There the MedSeqFT fine-tuning trainers run their training and
-validation steps under ``torch.autocast("cpu", dtype=torch.bfloat16)``: convolutions in bf16; weights, gradients and
+float32 (``benchmarks/bench_cpu_bf16.py``). There the MedSeqFT trainers (fine-tuning and pre-training) run their
+training and validation steps under ``torch.autocast("cpu", dtype=torch.bfloat16)``: convolutions in bf16; weights, gradients and
 optimizer state in float32; the segmentation loss gets float32 logits (``FloatLogits``), and the distillation
-distance accumulates in float32 (``method/distill.py``). bf16 has float32's exponent range, so no grad scaler.
-Scoring (``evaluation/``), MDS and pre-training stay float32 (nnU-Net's pre-training path has no autocast on CUDA
-either). Where the CPU lacks these instructions bf16 would be emulated and slower, so it stays off.
+distance and the masked reconstruction error in float32 (``method/distill.py``, ``method/ssl.py``). bf16 has
+float32's exponent range, so no grad scaler. Scoring (``evaluation/``), MDS and the foundation's final SSL validation
+stay float32. Where the CPU lacks these instructions bf16 would be emulated and slower, so it stays off.
 ``MEDSEQFT_CPU_BF16``: ``auto`` (default), ``0`` (off), ``1`` (on whatever the CPU).
 """
 

@@ -64,6 +64,24 @@ def test_convolutions_in_bf16_the_loss_in_float32_and_a_network_learns():
         assert all(o.dtype == torch.float32 for o in net(x))
 
 
+def test_ssl_loss_steps_in_bf16_with_a_float32_error():
+    from nnunetv2_medseqft.method.ssl import SSLSettings, ssl_losses
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(1, 3, (4, 8, 16), torch.nn.Conv3d, 3, (1, 2, 2), 2, 1, 2, True, torch.nn.InstanceNorm3d,
+                        {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True})
+    outputs = []
+    net.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+    x = torch.randn(2, 1, 16, 16, 16)
+    settings = SSLSettings(block_size=4)
+    for enabled, conv_dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        loss, baseline = ssl_losses(net, x, settings, torch.Generator().manual_seed(1), cpu_bf16=enabled)
+        assert outputs[-1] == conv_dtype
+        assert loss.dtype == baseline.dtype == torch.float32 and bool(torch.isfinite(loss).all())
+    loss.mean().backward()
+    assert all(p.grad.dtype == torch.float32 for p in net.parameters() if p.grad is not None)
+
+
 def test_a_training_in_bf16_says_so_and_keeps_float32_weights(planned_task, tiny_foundation, monkeypatch):
     plans = json.loads((planned_task.preprocessed / "MedSeqFTPlans.json").read_text())
     plans["plans_name"] = "MedSeqFTPlansBF16"  # its own output folder; the same preprocessed data

@@ -8,6 +8,7 @@ import torch
 from conftest import FIRST_TASK_ID, POOL_ID
 from nnunet_helpers import run, run_python
 
+from nnunetv2_medseqft.cpu_precision import cpu_bf16
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.ssl import SSLSettings
 
@@ -30,6 +31,10 @@ def test_checkpoint_records_ssl_settings_and_head(tiny_foundation):
     heads = [k for k in ckpt["network_weights"] if ".seg_layers." in k and k.endswith("weight")]
     assert heads and all(ckpt["network_weights"][k].shape[0] == 1 for k in heads)
     assert ckpt["trainer_name"] == "MedSeqFTPretrainTrainer_tiny"
+    # bf16 steps where this CPU computes bf16 (MEDSEQFT_CPU_BF16=auto), and the log says which
+    assert section["cpu_bf16"] is cpu_bf16(torch.device("cpu"))
+    log = "".join(p.read_text() for p in tiny_foundation.parent.glob("training_log_*.txt"))
+    assert ("bf16 mixed precision on this CPU" in log) is section["cpu_bf16"]
     summary = json.loads((tiny_foundation.parent / "validation" / "ssl_validation.json").read_text())
     assert summary["cases"] and all(v["masked_mse"] > 0 for v in summary["cases"].values())
 

@@ -17,6 +17,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_medseqft.trainers.steps import backward_and_step
 
 from nnunetv2_medseqft.checkpoints import MedSeqFTCheckpointMixin
+from nnunetv2_medseqft.cpu_precision import cpu_bf16
 from nnunetv2_medseqft.method.foundation import require_3d_configuration
 from nnunetv2_medseqft.method.ssl import (
     SSLSettings,
@@ -43,6 +44,7 @@ class MedSeqFTPretrainTrainer(MedSeqFTCheckpointMixin, PacedEpochsMixin, nnUNetT
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False  # one reconstruction output, at full resolution
         self.ssl_settings = SSLSettings.from_dict(plans.get("medseqft", {}).get("ssl", {}))
+        self.cpu_bf16 = cpu_bf16(self.device)  # bf16 training and validation steps on a CPU that computes it
         self._val_generator = None
 
     @staticmethod
@@ -56,14 +58,18 @@ class MedSeqFTPretrainTrainer(MedSeqFTCheckpointMixin, PacedEpochsMixin, nnUNetT
 
     def medseqft_checkpoint_section(self) -> dict:
         return {"role": "foundation", "ssl": self.ssl_settings.to_dict(),
-                "num_input_channels": self.num_input_channels}
+                "num_input_channels": self.num_input_channels, "cpu_bf16": self.cpu_bf16}
 
     def on_train_start(self):
         super().on_train_start()
         self.print_to_log_file(f"MedSeqFT SSL pre-training: masked-image modelling with {self.ssl_settings}")
+        if self.cpu_bf16:
+            self.print_to_log_file("Training and validation steps in bf16 mixed precision on this CPU (AMX / "
+                                   "AVX512-BF16); MEDSEQFT_CPU_BF16=0 trains in float32.")
 
-    def _ssl_forward(self, data: torch.Tensor, generator=None):
-        return ssl_losses(self.network, data, self.ssl_settings, generator)
+    def _ssl_forward(self, data: torch.Tensor, generator=None, final: bool = False):
+        # the final SSL validation in float32, as MDS scores the foundation
+        return ssl_losses(self.network, data, self.ssl_settings, generator, cpu_bf16=self.cpu_bf16 and not final)
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -115,7 +121,7 @@ class MedSeqFTPretrainTrainer(MedSeqFTCheckpointMixin, PacedEpochsMixin, nnUNetT
                 rng = np.random.default_rng(VALIDATION_SEED + i)
                 data = torch.from_numpy(random_patch(dataset.load_case(key)[0], patch, rng))[None].to(self.device)
                 gen = torch.Generator().manual_seed(VALIDATION_SEED + i)
-                loss, baseline = self._ssl_forward(data, generator=gen)
+                loss, baseline = self._ssl_forward(data, generator=gen, final=True)
                 per_case[key] = {"masked_mse": loss.item(), "score": 1.0 - loss.item() / max(baseline.item(), 1e-8)}
         summary = {
             "ssl": self.ssl_settings.to_dict(),

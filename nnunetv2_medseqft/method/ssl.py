@@ -7,12 +7,12 @@ settings travel inside the foundation checkpoint (``SSLSettings.to_dict``).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from nnunetv2_medseqft.cpu_precision import cpu_autocast
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.settings import JsonSettings
 
@@ -84,15 +84,16 @@ def masked_mse_per_sample(prediction: torch.Tensor, target: torch.Tensor, mask: 
 
 
 def ssl_losses(network: torch.nn.Module, data: torch.Tensor, settings: SSLSettings,
-               generator: torch.Generator | None = None, mask: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               generator: torch.Generator | None = None, mask: torch.Tensor | None = None,
+               cpu_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample masked reconstruction loss of ``network`` on ``data``, and the loss of predicting 0
     (the yardstick for a reconstruction score). ``mask``: given masks (B, 1, *spatial), else drawn with
-    ``generator``. Autocast on CUDA, as nnU-Net trains."""
+    ``generator``. Autocast on CUDA, as nnU-Net trains; on a CPU bf16 autocast where ``cpu_bf16`` (the
+    pre-training steps, ``cpu_precision.py``), float32 otherwise (MDS scoring, the final SSL validation)."""
     if mask is None:
         mask = block_mask(data.shape, settings, generator=generator, device=data.device)
     mask = mask.to(data.device)
-    amp = torch.autocast(data.device.type, enabled=True) if data.device.type == "cuda" else nullcontext()
+    amp = torch.autocast(data.device.type, enabled=True) if data.device.type == "cuda" else cpu_autocast(cpu_bf16)
     with amp:
         prediction = network(mask_input(data, mask))
     return masked_mse_per_sample(prediction, data, mask), masked_mse_per_sample(torch.zeros_like(data), data, mask)
