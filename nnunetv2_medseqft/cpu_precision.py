@@ -2,12 +2,13 @@
 
 nnU-Net trains in mixed precision on CUDA (fp16 autocast, grad scaler) and in float32 on a CPU. On a CPU with AMX or
 AVX512-BF16 (Intel Xeon since Sapphire Rapids, AMD since Zen 4), oneDNN runs bf16 3D convolutions much faster than
-float32 (``benchmarks/bench_cpu_bf16.py``). There the MedSeqFT trainers (fine-tuning and pre-training) run their
-training and validation steps under ``torch.autocast("cpu", dtype=torch.bfloat16)``: convolutions in bf16; weights, gradients and
-optimizer state in float32; the segmentation loss gets float32 logits (``FloatLogits``), and the distillation
-distance and the masked reconstruction error in float32 (``method/distill.py``, ``method/ssl.py``). bf16 has
-float32's exponent range, so no grad scaler. Scoring (``evaluation/``), MDS and the foundation's final SSL validation
-stay float32. Where the CPU lacks these instructions bf16 would be emulated and slower, so it stays off.
+float32 (``benchmarks/bench_cpu_bf16.py``). There the MedSeqFT trainers (fine-tuning and pre-training) run
+their training and validation steps under ``torch.autocast("cpu", dtype=torch.bfloat16)``: convolutions in bf16;
+weights, gradients and optimizer state in float32; the segmentation loss gets float32 logits (``FloatLogits``), the
+distillation distance and the masked reconstruction error are computed in float32 (``method/distill.py``,
+``method/ssl.py``). bf16 has float32's exponent range, so no grad scaler. Scoring (``evaluation/``), MDS and the
+foundation's final SSL validation stay float32. Where the CPU lacks these instructions bf16 would be emulated and
+slower, so it stays off.
 ``MEDSEQFT_CPU_BF16``: ``auto`` (default), ``0`` (off), ``1`` (on whatever the CPU).
 """
 
