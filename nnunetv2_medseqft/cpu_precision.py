@@ -22,6 +22,9 @@ import torch
 from nnunetv2_medseqft.errors import MedSeqFTError
 
 ENV = "MEDSEQFT_CPU_BF16"
+# the training log's line when a trainer steps in bf16 (the tests look for it)
+LOG_LINE = (f"Training and validation steps in bf16 mixed precision on this CPU (AMX / AVX512-BF16); {ENV}=0 trains "
+            "in float32.")
 
 
 def cpu_has_bf16() -> bool:

@@ -37,7 +37,7 @@ from nnunetv2_medseqft.checkpoints import (
     unwrap,
     with_head,
 )
-from nnunetv2_medseqft.cpu_precision import FloatLogits, cpu_autocast, cpu_bf16
+from nnunetv2_medseqft.cpu_precision import LOG_LINE, FloatLogits, cpu_autocast, cpu_bf16
 from nnunetv2_medseqft.errors import MedSeqFTError
 from nnunetv2_medseqft.method.buffer import oversampled_identifiers, random_buffer, select_buffer
 from nnunetv2_medseqft.method.foundation import recorded_foundation, require_3d_configuration
@@ -167,8 +167,7 @@ class MedSeqFTTrainer(MedSeqFTCheckpointMixin, PacedEpochsMixin, nnUNetTrainer):
         self._select_buffer()  # before the loaders exist: stage-B loaders over-sample the buffer
         super().on_train_start()
         if self.cpu_bf16:
-            self.print_to_log_file("Training and validation steps in bf16 mixed precision on this CPU (AMX / "
-                                   "AVX512-BF16); MEDSEQFT_CPU_BF16=0 trains in float32.")
+            self.print_to_log_file(LOG_LINE)
         for key in LOSS_KEYS:
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
         if self.stage == "B" and self.rft_stage is None:  # no stage A: stage B from the first epoch

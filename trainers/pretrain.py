@@ -17,7 +17,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_medseqft.trainers.steps import backward_and_step
 
 from nnunetv2_medseqft.checkpoints import MedSeqFTCheckpointMixin
-from nnunetv2_medseqft.cpu_precision import cpu_bf16
+from nnunetv2_medseqft.cpu_precision import LOG_LINE, cpu_bf16
 from nnunetv2_medseqft.method.foundation import require_3d_configuration
 from nnunetv2_medseqft.method.ssl import (
     SSLSettings,
@@ -64,8 +64,7 @@ class MedSeqFTPretrainTrainer(MedSeqFTCheckpointMixin, PacedEpochsMixin, nnUNetT
         super().on_train_start()
         self.print_to_log_file(f"MedSeqFT SSL pre-training: masked-image modelling with {self.ssl_settings}")
         if self.cpu_bf16:
-            self.print_to_log_file("Training and validation steps in bf16 mixed precision on this CPU (AMX / "
-                                   "AVX512-BF16); MEDSEQFT_CPU_BF16=0 trains in float32.")
+            self.print_to_log_file(LOG_LINE)
 
     def _ssl_forward(self, data: torch.Tensor, generator=None, final: bool = False):
         # the final SSL validation in float32, as MDS scores the foundation
